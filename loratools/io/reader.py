@@ -1,0 +1,96 @@
+"""Lazy, read-only access to the tensors of a safetensors file.
+
+``open_safetensors`` reads the header once; each tensor is materialised from a memory map only when
+it is looked up, so an operation touching one layer of a 7 GB checkpoint reads that layer alone.
+Tensors share the (copy-on-write) mapping: writing into one never changes the file.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loratools.errors import InvalidFileError
+from loratools.io.dtypes import item_size, to_torch
+from loratools.io.header import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SafetensorsReader(Mapping[str, "torch.Tensor"]):
+    """A read-only ``Mapping[str, Tensor]`` over one safetensors file (keys in file order)."""
+
+    def __init__(self, header: SafetensorsHeader) -> None:
+        self.header = header
+        self._mm: mmap.mmap | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.header.path
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype, shape and byte range of ``key`` without reading its data."""
+        return self.header.tensors[key]
+
+    def key_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key's shape, from the header alone."""
+        return {k: t.shape for k, t in self.header.tensors.items()}
+
+    def __len__(self) -> int:
+        return len(self.header.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.header.tensors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        import torch
+
+        info = self.header.tensors[key]
+        dtype = to_torch(info.dtype)
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        mm = self._map()
+        start = self.header.data_offset + info.begin
+        if start % item_size(info.dtype):  # unaligned (hand-made files): copy rather than map
+            return torch.frombuffer(bytearray(mm[start:start + info.nbytes]), dtype=dtype).reshape(info.shape)
+        return torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=start).reshape(info.shape)
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            try:
+                with open(self.path, "rb") as fh:
+                    if fh.seek(0, 2) != self.header.file_size:
+                        raise InvalidFileError("file changed size since its header was read; re-run",
+                                               path=self.path)
+                    self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                raise InvalidFileError(f"cannot map file for reading ({exc.strerror})", path=self.path) from None
+        return self._mm
+
+    def __repr__(self) -> str:
+        return f"SafetensorsReader({str(self.path)!r}, {len(self)} tensors)"
+
+
+def open_safetensors(path: str | Path) -> SafetensorsReader:
+    """Open a safetensors file lazily.
+
+    Args:
+        path: the ``.safetensors`` file.
+    Returns:
+        A read-only Mapping of tensor name to tensor; ``.metadata``, ``.header``, ``.info(key)``.
+    Raises:
+        InvalidFileError: the file is missing or malformed (checked before anything is returned).
+    Example:
+        >>> sd = open_safetensors("lora.safetensors"); sd["lora_unet_conv_in.alpha"]
+    """
+    return SafetensorsReader(read_header(path))
