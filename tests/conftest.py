@@ -1,1 +1,52 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: tiny real models, files and a dataset, built once per session.
+
+Every fixture here is session-scoped (under pytest-xdist: once per worker) and cheap. The
+pipeline fixtures are SHARED objects: a test that changes a pipeline (``load_lora_weights``,
+``fuse_lora``, weight edits) must build its own with ``loratools.tiny.build_pipeline(arch)``
+(about 0.05 s) instead of mutating ``tiny_sd1``/``tiny_sdxl``. The files are read-only inputs:
+write outputs into the test's own ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1():
+    """A tiny SD1-like ``StableDiffusionPipeline`` (seed 0). Do not mutate."""
+    from loratools.tiny import build_pipeline
+
+    return build_pipeline("sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    """A tiny SDXL-like ``StableDiffusionXLPipeline`` (seed 0). Do not mutate."""
+    from loratools.tiny import build_pipeline
+
+    return build_pipeline("sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tiny_sd1, tmp_path_factory):
+    """``tiny_sd1`` saved as a diffusers folder."""
+    from loratools.tiny import save_diffusers
+
+    return save_diffusers(tiny_sd1, tmp_path_factory.mktemp("tiny_sd1") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tiny_sdxl, tmp_path_factory):
+    """``tiny_sdxl`` saved as a diffusers folder."""
+    from loratools.tiny import save_diffusers
+
+    return save_diffusers(tiny_sdxl, tmp_path_factory.mktemp("tiny_sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Six captioned PNGs in ``<root>/5_tinychar/`` (varied aspect ratios): a ``TinyDataset``."""
+    from loratools.tiny import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("tiny_dataset") / "train", "sd1", 6)

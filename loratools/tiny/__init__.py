@@ -1,0 +1,48 @@
+"""Tiny real Stable Diffusion models, adapters and data for tests and the demo (no hub access).
+
+Everything is built from code and configs, deterministic for a given seed, float32 on the CPU.
+Times measured on the 2-core dev machine, in a process that has already imported torch,
+diffusers and transformers (that import alone takes ~3 s):
+
+- ``make_tokenizer(pad_token)`` (tokenizer.py): a CLIP byte-level BPE tokenizer (742 ids) loaded
+  with ``CLIPTokenizer`` from a vocab.json + merges.txt written by ``write_tokenizer_files``;
+  common caption words (``tinychar``, ``red``, ``circle``...) are single tokens. ~10 ms.
+- ``build_pipeline(arch, seed)`` (models.py): ``"sd1"`` / ``"sd2"`` ``StableDiffusionPipeline`` or
+  ``"sdxl"`` ``StableDiffusionXLPipeline``; UNet block_out_channels (32, 64), CLIP text encoders
+  of width 32 and 3 layers (SDXL: two, the second with projection), a 4-level VAE (scale factor
+  8). ~40-50 ms each. ``unet_config``/``vae_config``/``text_encoder_config``/``SCHEDULER_CONFIG``
+  expose the configs.
+- ``render(pipe, prompt, seed, steps=2, size=64)`` (models.py): one deterministic image as a
+  float (H, W, 3) numpy array in [0, 1]. ~35 ms (the first call in a process ~0.3-2 s warm-up).
+- ``save_diffusers(pipe, dir)`` / ``load_diffusers(dir)`` (files.py): a diffusers folder. ~30 /
+  ~90 ms.
+- ``make_dataset(dir, arch, n_images)`` (dataset.py): ``<dir>/5_tinychar/img_000.png`` + ``.txt``
+  captions (trigger word first, comma-separated tags), shapes with a stripe pattern, six aspect
+  ratios; options for uncaptioned and RGBA images. ~20 ms for 6 images.
+- ``make_lora(pipe, arch, kind, rank, alpha, seed, naming)`` (adapters.py): a synthetic adapter
+  (kinds lora, locon, loha, lokr, full, dora; kohya names with SGM UNet paths for SDXL,
+  ``kohya_diffusers`` or ``peft`` names) with ground-truth float32 deltas, optionally written to
+  a file. ~30 ms. diffusers' ``load_lora_weights`` loads the lora/locon files and matches a
+  manual merge of the deltas to ~4e-6.
+"""
+
+from loratools.tiny.adapters import KINDS, NAMINGS, Target, TinyAdapter, make_lora, target_modules
+from loratools.tiny.dataset import TinyDataset, make_dataset
+from loratools.tiny.files import load_diffusers, save_diffusers
+from loratools.tiny.models import (
+    ARCHES,
+    SCHEDULER_CONFIG,
+    build_pipeline,
+    render,
+    text_encoder_config,
+    unet_config,
+    vae_config,
+)
+from loratools.tiny.tokenizer import make_tokenizer, tokenizer_vocab, write_tokenizer_files
+
+__all__ = [
+    "ARCHES", "KINDS", "NAMINGS", "SCHEDULER_CONFIG", "Target", "TinyAdapter", "TinyDataset",
+    "build_pipeline", "load_diffusers", "make_dataset", "make_lora", "make_tokenizer", "render",
+    "save_diffusers", "target_modules", "text_encoder_config", "tokenizer_vocab", "unet_config",
+    "vae_config", "write_tokenizer_files",
+]
