@@ -1,0 +1,355 @@
+"""Merge adapters into a checkpoint, streaming: one base tensor in memory at a time.
+
+The output is written through ``loratools.io.write_safetensors``: for every key of the base, in file
+order, ``produce`` either fuses the deltas that target it (float32, cast back to the key's dtype or
+``--dtype``) or hands the lazily-mapped base tensor straight to the writer. Nothing else is held, so
+peak memory is the largest tensor plus its deltas whatever the model size (user-asks 6). Every key of
+the base is written (VAE, position ids, EMA, unknown keys), unmodified ones byte for byte.
+
+All refusals (missing files, architecture mismatch, unmatched modules, NaN in an adapter, an output
+that exists or cannot be written) happen in planning, before the output is opened; a failure while
+writing leaves no file behind (the writer's temp file, or the temp folder of a diffusers output, is
+removed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loratools.errors import InvalidFileError, OutputExistsError, UnmatchedModulesError, UsageError
+from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch, check_finite
+from loratools.ops.merge.provenance import InputRecord, checkpoint_metadata, hash_input, title_of
+from loratools.ops.merge.ratios import WeightedPath
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.io import ModelSource, WrittenFile
+    from loratools.ops.merge.verify import VerifyRow
+
+_DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
+           "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``fp16``/``bf16``/``fp32`` (and their long names) to a torch dtype; None stays None."""
+    if name is None:
+        return None
+    import torch
+
+    key = name.strip().lower()
+    if key not in _DTYPES:
+        raise UsageError(f"--dtype {name!r} is not one of fp16, bf16, fp32")
+    return getattr(torch, _DTYPES[key])
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """What to merge, where, and how strictly.
+
+    Attributes:
+        base: single-file checkpoint (``.safetensors``, ``.ckpt``) or diffusers folder.
+        adapters: adapter files with their ratios, in order.
+        output: ``.safetensors`` file for a single-file base, a folder for a diffusers base.
+        dtype: ``fp16``/``bf16``/``fp32`` for every float tensor; None keeps each key's dtype.
+        allow_unmatched: merge what matches and report the rest instead of refusing.
+        overwrite: replace an existing output (never an input).
+        verify: re-open the output and check sampled modules numerically.
+        verify_samples: modules checked per adapter.
+        title: ``modelspec.title`` (default: output file stem).
+    """
+
+    base: Path
+    adapters: Sequence[WeightedPath]
+    output: Path
+    dtype: str | None = None
+    allow_unmatched: bool = False
+    overwrite: bool = False
+    verify: bool = False
+    verify_samples: int = 8
+    title: str | None = None
+
+
+@dataclass
+class AdapterReport:
+    """Per-adapter outcome: ``applied`` of ``modules`` merged, the names that were not."""
+
+    path: Path
+    ratio: float
+    modules: int
+    applied: int
+    unmatched: list[str]
+    sha256: str | None = None
+    autov2: str | None = None
+
+
+@dataclass
+class MergeResult:
+    """What was written and what happened."""
+
+    output: Path
+    layout: str
+    arch: str
+    adapters: list[AdapterReport]
+    patched_keys: int
+    copied_keys: int
+    files: list[WrittenFile] = field(default_factory=list)
+    verify: list[VerifyRow] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool | None:
+        return None if self.verify is None else all(row.ok for row in self.verify)
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _check_output(opts: MergeOptions, source: ModelSource) -> None:
+    from loratools.io.writer import check_output_path
+
+    inputs = [*source.all_files(), *(a.path for a in opts.adapters)]
+    if source.layout == "single_file":
+        if opts.output.suffix.lower() != ".safetensors":
+            raise UsageError("the merged checkpoint is written as .safetensors; name the output *.safetensors",
+                             path=opts.output)
+        check_output_path(opts.output, overwrite=opts.overwrite, protected=inputs)
+        return
+    out = opts.output
+    if out.exists() and (out.resolve() == source.path.resolve() or not out.is_dir()):
+        raise OutputExistsError("a diffusers base is written as a new diffusers folder; give a new folder path",
+                                path=out)
+    if out.exists() and not opts.overwrite:
+        raise OutputExistsError("output folder exists; pass --overwrite to replace it", path=out)
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"output folder {parent} does not exist; create it first", path=out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to folder {parent} (permission denied); choose another output", path=out)
+
+
+def _load_adapters(opts: MergeOptions, arch: str):
+    from loratools.adapters import load_adapter
+    from loratools.keys import detect_adapter_arch
+
+    loaded = []
+    for wp in opts.adapters:
+        if wp.path.is_dir():
+            raise InvalidFileError("is a folder; adapters are single .safetensors files", path=wp.path)
+        adapter = load_adapter(wp.path)
+        check_finite(adapter, wp.path)
+        check_arch(arch, opts.base, detect_adapter_arch(adapter).arch, wp.path)
+        loaded.append((wp.path, wp.ratio, adapter))
+    return loaded
+
+
+def _refuse_unmatched(plan: MergePlan) -> None:
+    missing = plan.unmatched()
+    if not missing:
+        return
+    shown = "; ".join(missing[:12]) + (f"; ... ({len(missing) - 12} more)" if len(missing) > 12 else "")
+    raise UnmatchedModulesError(f"{len(missing)} adapter module(s) match no base weight: {shown}. "
+                                "Check the base model, or pass --allow-unmatched to merge the rest", missing)
+
+
+def _warnings(loaded, source: ModelSource) -> list[str]:
+    notes = []
+    for path, ratio, adapter in loaded:
+        if ratio != 1.0 and any(getattr(m, "dora_scale", None) is not None for m in adapter.modules.values()):
+            notes.append(f"{path.name}: DoRA modules merged as W + {ratio:g}*dW (ComfyUI's convention); "
+                         "LyCORIS scales only the magnitude at ratios other than 1, so tools differ")
+    if source.layout == "single_file" and any(k.startswith("model_ema.") for k in source.components[""]):
+        notes.append("the base holds EMA weights (model_ema.*); they are copied unmerged")
+    return notes
+
+
+def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> MergeResult:
+    """Merge ``opts.adapters`` into ``opts.base`` and write ``opts.output``.
+
+    Args:
+        opts: validated options.
+        progress: called as ``progress(done, total)`` after each tensor is produced.
+
+    Returns:
+        ``MergeResult`` with per-adapter counts, written files and (with ``verify``) the check rows.
+
+    Raises:
+        InvalidFileError: a missing or malformed input.
+        ArchitectureMismatchError: an adapter is for another architecture.
+        UnmatchedModulesError: modules without a target (unless ``allow_unmatched``).
+        NonFiniteError: NaN/Inf in an adapter or a merged tensor (nothing is written).
+        OutputExistsError, UsageError: unusable output path or options.
+
+    Example:
+        >>> merge_checkpoint(MergeOptions(Path("sdxl.safetensors"), [WeightedPath(Path("style.safetensors"), 0.8)],
+        ...                               Path("sdxl-style.safetensors")))
+    """
+    from loratools.io import open_model
+    from loratools.keys import BaseIndex
+
+    if not opts.adapters:
+        raise UsageError("give at least one adapter to merge")
+    out_dtype = parse_dtype(opts.dtype)
+    source = open_model(opts.base)
+    _check_output(opts, source)
+    index = BaseIndex.from_model(source)
+    arch = index.arch.arch
+    loaded = _load_adapters(opts, arch)
+    shapes = {c: source.key_shapes(c) for c in source.components}
+    plan = build_plan(index, shapes, loaded)
+    if not opts.allow_unmatched:
+        _refuse_unmatched(plan)
+
+    records, reports = [], []
+    for (path, ratio, adapter), ap in zip(loaded, plan.adapters):
+        sha, short = hash_input(path)
+        records.append(InputRecord(path, ratio, sha, short, len(ap.applied), ap.modules,
+                                   title_of(path, adapter.metadata)))
+        reports.append(AdapterReport(path, ratio, ap.modules, len(ap.applied), ap.unmatched, sha, short))
+    names = [p.name for p, _, _ in loaded]
+    writer = _Writer(source, plan, out_dtype, names, progress)
+
+    def metadata_for(sd: Mapping) -> dict[str, str]:
+        base_meta = getattr(sd, "metadata", None)
+        return checkpoint_metadata(base_meta, arch=arch,
+                                   base=InputRecord(source.path, 1.0, None, None, 0, 0,
+                                                    title_of(source.path, base_meta)),
+                                   adapters=records, output=opts.output, dtype=opts.dtype, title=opts.title,
+                                   modelspec=source.layout == "single_file")
+
+    protected = [*source.all_files(), *(a.path for a in opts.adapters)]
+    if source.layout == "single_file":
+        sd = source.components[""]
+        files = [writer.write_file(opts.output, "", sd, metadata_for(sd), opts.overwrite, protected)]
+    else:
+        files = _write_folder(opts, source, writer, metadata_for, protected)
+
+    result = MergeResult(opts.output, source.layout, arch, reports, writer.patched, writer.copied, files,
+                         warnings=_warnings(loaded, source))
+    if opts.verify:
+        from loratools.ops.merge.verify import verify_output
+
+        result.verify = verify_output(opts.output, source, plan, out_dtype, names, opts.verify_samples)
+    return result
+
+
+class _Writer:
+    """Produces each output tensor on demand and counts what it patched and copied."""
+
+    def __init__(self, source: ModelSource, plan: MergePlan, out_dtype: torch.dtype | None,
+                 names: Sequence[str], progress: ProgressFn | None) -> None:
+        self.plan = plan
+        self.out_dtype = out_dtype
+        self.names = names
+        self.progress = progress
+        self.total = sum(len(sd) for sd in source.components.values())
+        self.done = 0
+        self.patched = 0
+        self.copied = 0
+
+    def dtype_for(self, t: torch.Tensor) -> torch.dtype:
+        return self.out_dtype if self.out_dtype is not None and t.is_floating_point() else t.dtype
+
+    def produce(self, component: str, sd: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        from loratools.ops.merge.fuse import fuse
+
+        base = sd[name]
+        patches: list[Patch] | None = self.plan.patches.get((component, name))
+        dtype = self.dtype_for(base)
+        if patches:
+            out = fuse(name, base, patches, dtype, self.names)
+            self.patched += 1
+        else:
+            out = base if base.dtype == dtype else base.to(dtype)
+            self.copied += 1
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        return out
+
+    def write_file(self, path: Path, component: str, sd: Mapping[str, torch.Tensor], metadata: dict[str, str],
+                   overwrite: bool, protected: Sequence[Path], keys: Sequence[str] | None = None) -> WrittenFile:
+        from loratools.io import TensorSpec, write_safetensors
+
+        names = list(sd) if keys is None else list(keys)
+        specs = []
+        for name in names:
+            t = sd[name]  # lazy: a view of the mapped file, no data read
+            specs.append(TensorSpec(name, self.dtype_for(t), tuple(t.shape)))
+        return write_safetensors(path, specs, lambda n: self.produce(component, sd, n), metadata,
+                                 overwrite=overwrite, protected=protected,
+                                 sshs_hashes=any(k.startswith("sshs_") for k in (getattr(sd, "metadata", None) or {})))
+
+
+def _component_outputs(source: ModelSource, component: str) -> list[tuple[Path, list[str] | None, Mapping]]:
+    """``(relative output file, keys or None for all, mapping)`` per weight file of a component."""
+    from loratools.io import SafetensorsReader
+
+    sd = source.components[component]
+    files = source.files[component]
+    rel = [f.relative_to(source.path) for f in files]
+    if len(files) == 1:
+        return [(rel[0].with_suffix(".safetensors"), None, sd)]
+    readers = getattr(sd, "readers", None)
+    if readers and all(isinstance(r, SafetensorsReader) for r in readers):
+        return [(r.path.relative_to(source.path), list(r), r) for r in readers]
+    raise UsageError(f"{component}: sharded .bin weights are not supported; convert the folder to safetensors first",
+                     path=source.path)
+
+
+def _write_folder(opts: MergeOptions, source: ModelSource, writer: _Writer,
+                  metadata_for: Callable[[Mapping], dict[str, str]], protected: Sequence[Path]) -> list[WrittenFile]:
+    """Write a diffusers folder: configs and other files copied, each component's weights merged.
+
+    Built in a hidden temp folder next to the output and renamed into place at the end, so a failure
+    leaves nothing behind and an existing output is only replaced by a complete one.
+    """
+    out = opts.output
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    written_dirs = {source.path / c for c in source.components}
+    files = []
+    try:
+        for src in sorted(source.path.rglob("*")):
+            rel = src.relative_to(source.path)
+            dst = tmp / rel
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+                continue
+            if src.name.endswith(_WEIGHT_SUFFIXES) and src.parent in written_dirs:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        for component in source.components:
+            for rel, keys, sd in _component_outputs(source, component):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                files.append(writer.write_file(tmp / rel, component, sd, metadata_for(sd), False, protected, keys))
+        _replace_folder(tmp, out, opts.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [_moved(f, tmp, out) for f in files]
+
+
+def _moved(f: WrittenFile, tmp: Path, out: Path) -> WrittenFile:
+    from dataclasses import replace
+
+    return replace(f, path=out / f.path.relative_to(tmp))
+
+
+def _replace_folder(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise OutputExistsError("output folder appeared while merging; nothing replaced", path=out)
+    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""Which base tensor each adapter module patches, decided before a single weight is read.
+
+Planning first means every refusal (architecture mismatch, unmatched modules, two modules of one file
+hitting the same weight, NaN in an adapter) happens before the output is opened, so a failed merge
+costs seconds and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loratools.errors import ArchitectureMismatchError, InvalidFileError, NonFiniteError
+
+if TYPE_CHECKING:
+    from loratools.adapters import AdapterFile
+    from loratools.adapters.base import AdapterModule
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One adapter module's contribution to one base tensor.
+
+    ``rows`` is a row slice of the base tensor (TE2 q/k/v inside a fused ``in_proj_weight``) or None
+    for the whole tensor; ``bias`` marks a ``diff_b``/``b_norm`` patch of the matching bias key.
+    """
+
+    lora: int
+    module: AdapterModule
+    ratio: float
+    rows: tuple[int, int] | None
+    bias: bool = False
+
+
+@dataclass
+class AdapterPlan:
+    """What one adapter file contributes: the module count, and the names that found no target."""
+
+    path: Path
+    ratio: float
+    modules: int
+    applied: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergePlan:
+    """Patches grouped by ``(component, key)`` plus per-adapter bookkeeping."""
+
+    patches: dict[tuple[str, str], list[Patch]]
+    adapters: list[AdapterPlan]
+
+    def unmatched(self) -> list[str]:
+        return [f"{a.path.name}: {name}" for a in self.adapters for name in a.unmatched]
+
+
+def check_arch(base_arch: str, base_path: Path, adapter_arch: str, adapter_path: Path) -> None:
+    """Refuse an adapter made for another architecture (an SD1 LoRA on SDXL matches nothing or garbage)."""
+    if adapter_arch != base_arch:
+        raise ArchitectureMismatchError(
+            f"adapter is for {adapter_arch} but the base {base_path.name} is {base_arch}; "
+            f"use a {adapter_arch} base or a {base_arch} adapter", path=adapter_path)
+
+
+def check_finite(adapter: AdapterFile, path: Path) -> None:
+    """Fail fast, naming the module, when an adapter file already holds NaN/Inf (its merge would too)."""
+    import torch
+
+    for name, module in adapter.modules.items():
+        for suffix, tensor in module.tensors().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"{name}.{suffix} holds NaN or Inf; the merge would be broken. "
+                                     "Fix or drop this adapter (`loratools check` shows all such tensors)",
+                                     path=path)
+
+
+def _bias_key(key: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    for suffix, bias in (("in_proj_weight", "in_proj_bias"), (".weight", ".bias")):
+        if key.endswith(suffix):
+            candidate = key[: -len(suffix)] + bias
+            return candidate if candidate in shapes else None
+    return None
+
+
+def build_plan(index, key_shapes: dict[str, dict[str, tuple[int, ...]]],
+               adapters: list[tuple[Path, float, AdapterFile]]) -> MergePlan:
+    """Resolve every module of every adapter against the base index.
+
+    Args:
+        index: a ``loratools.keys.BaseIndex`` of the base model.
+        key_shapes: ``component -> key -> shape`` of the base (header data only).
+        adapters: ``(path, ratio, parsed file)`` in command-line order.
+
+    Raises:
+        InvalidFileError: two modules of one file patch the same weight (mixed naming styles would
+            apply it twice, formats-spec 7.13).
+    """
+    patches: dict[tuple[str, str], list[Patch]] = defaultdict(list)
+    plans: list[AdapterPlan] = []
+    for i, (path, ratio, adapter) in enumerate(adapters):
+        plan = AdapterPlan(path=path, ratio=ratio, modules=len(adapter.modules) + len(adapter.unknown))
+        seen: dict[tuple[str, str, tuple[int, int] | None, bool], str] = {}
+        for name in sorted(adapter.modules):
+            module = adapter.modules[name]
+            target = index.resolve(name)
+            if target is None:
+                plan.unmatched.append(name)
+                continue
+            wanted = [(target.key, False)]
+            if module.bias_delta() is not None:
+                bias = _bias_key(target.key, key_shapes[target.component])
+                if bias is None:
+                    plan.unmatched.append(f"{name} (bias delta, base has no bias for {target.key})")
+                    continue
+                wanted.append((bias, True))
+            for key, is_bias in wanted:
+                slot = (target.component, key, target.rows, is_bias)
+                if slot in seen:
+                    raise InvalidFileError(
+                        f"modules {seen[slot]} and {name} both patch {key}"
+                        f"{'' if target.rows is None else f' rows {target.rows[0]}:{target.rows[1]}'}; "
+                        "the file mixes naming styles; keep one of them", path=path)
+                seen[slot] = name
+                patches[(target.component, key)].append(Patch(i, module, ratio, target.rows, is_bias))
+            plan.applied.append(name)
+        plan.unmatched.extend(f"{key} (unrecognised tensor)" for key in sorted(adapter.unknown))
+        plans.append(plan)
+    return MergePlan(patches=dict(patches), adapters=plans)
