@@ -1,0 +1,196 @@
+"""Adapter files -> typed modules with exact weight deltas.
+
+``parse_adapter`` turns any LoRA / LyCORIS / PEFT state dict into ``AdapterModule`` objects keyed by
+canonical kohya name; every key no parser consumed is kept verbatim in ``AdapterFile.unknown``.
+``describe_header`` does the same grouping from names and shapes alone, for multi-GB files whose
+tensors nobody wants to read just to count modules and ranks.
+
+Example:
+    >>> f = load_adapter("my_lora.safetensors")
+    >>> m = f.modules["lora_unet_input_blocks_4_1_proj_in"]
+    >>> m.kind, m.rank, m.scale, m.delta().shape
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratools.adapters.base import (
+    SHARED_SUFFIXES,
+    AdapterModule,
+    ModuleSummary,
+    adapter_types,
+    registry,
+)
+from loratools.adapters.full import FullModule
+from loratools.adapters.ia3 import IA3Module
+from loratools.adapters.loha import LoHaModule
+from loratools.adapters.lokr import LoKrModule
+from loratools.adapters.lora import LoRAModule
+from loratools.adapters.names import ModuleKeys, group_keys
+from loratools.adapters.norm import NormModule
+from loratools.errors import InvalidFileError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "AdapterFile", "AdapterModule", "FullModule", "HeaderSummary", "IA3Module", "LoHaModule",
+    "LoKrModule", "LoRAModule", "ModuleSummary", "NormModule", "adapter_types", "describe_header",
+    "load_adapter", "parse_adapter",
+]
+
+
+@dataclass
+class AdapterFile:
+    """A parsed adapter file.
+
+    Attributes:
+        modules: canonical kohya name -> module.
+        unknown: keys no parser consumed, with their tensors, untouched.
+        metadata: the file's ``__metadata__`` (str -> str).
+        naming: how the file names its modules: "kohya", "lycoris", "peft" (``lora_A``/``lora_B``),
+            "diffusers" (``lora.down``/``lora_linear_layer``), "diffusers_legacy" (``to_q_lora``),
+            "mixed", or "none" for a file without modules.
+        path: where it was read from, if anywhere.
+    """
+
+    modules: dict[str, AdapterModule]
+    unknown: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    naming: str = "kohya"
+    path: Path | None = None
+
+
+@dataclass
+class HeaderSummary:
+    """``describe_header``'s answer: one ``ModuleSummary`` per module, and the unclaimed keys."""
+
+    modules: dict[str, ModuleSummary]
+    unknown: list[str]
+    naming: str
+
+
+def _naming(styles: set[str]) -> str:
+    if not styles:
+        return "none"
+    return styles.pop() if len(styles) == 1 else "mixed"
+
+
+def _type_of(group: ModuleKeys, path: Any) -> type[AdapterModule] | None:
+    reg = registry()
+    types = {reg[s] for s in group.keys if s in reg}
+    if len(types) > 1:
+        kinds = ", ".join(sorted(t.kind for t in types))
+        raise InvalidFileError(
+            f"module {group.source_name} mixes the keys of several adapter types ({kinds}); "
+            "the file is not one a known trainer writes", path=path)
+    return types.pop() if types else None
+
+
+def _usable(cls: type[AdapterModule], suffixes: Any) -> list[str]:
+    return [s for s in suffixes if s in cls.SUFFIXES or (s == "alpha" and cls.TAKES_ALPHA)
+            or (s == "dora_scale" and cls.TAKES_DORA)]
+
+
+def _groups(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None, path: Any):
+    try:
+        return group_keys(shapes, metadata)
+    except ValueError as exc:
+        raise InvalidFileError(str(exc), path=path) from None
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Shapes without reading data: ``loratools.io``'s lazy reader answers from its header."""
+    info = getattr(tensors, "info", None)
+    if info is not None:
+        return {k: tuple(info(k).shape) for k in tensors.keys()}
+    return {k: tuple(tensors[k].shape) for k in tensors.keys()}
+
+
+def parse_adapter(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *,
+                  path: str | Path | None = None) -> AdapterFile:
+    """Parse a state dict of any supported adapter format.
+
+    Args:
+        tensors: key -> tensor (a dict, or ``loratools.io``'s lazy reader).
+        metadata: the file's ``__metadata__``; PEFT alphas come from its ``lora_adapter_metadata``.
+        path: only for error messages and ``AdapterFile.path``.
+    Returns:
+        An ``AdapterFile``; nothing is dropped: unconsumed keys are in ``.unknown``.
+    Example:
+        >>> parse_adapter({"lora_unet_x.lora_down.weight": d, "lora_unet_x.lora_up.weight": u}).modules
+    """
+    groups = _groups(_shapes(tensors), metadata, path)
+    modules: dict[str, AdapterModule] = {}
+    unknown: dict[str, torch.Tensor] = {k: tensors[k] for k in groups.unclaimed}
+    styles: set[str] = set()
+    for name, group in groups.modules.items():
+        cls = _type_of(group, path)
+        used = _usable(cls, group.keys) if cls is not None else []
+        module = cls.parse(name, {s: tensors[group.keys[s]] for s in used}, source_name=group.source_name,
+                           alpha=group.alpha) if cls is not None else None
+        consumed = set(module.tensors()) if module is not None else set()
+        for suffix, key in group.keys.items():
+            if suffix not in consumed:
+                unknown[key] = tensors[key]
+        if module is not None:
+            modules[name] = module
+            styles.add(group.style)
+    return AdapterFile(modules=modules, unknown=unknown, metadata=dict(metadata or {}),
+                       naming=_naming(styles), path=Path(path) if path is not None else None)
+
+
+def load_adapter(path: str | Path) -> AdapterFile:
+    """Read an adapter file (``.safetensors`` lazily, or a pickle) and parse it.
+
+    Example:
+        >>> load_adapter("lora.safetensors").naming
+        'kohya'
+    """
+    from loratools.io.checkpoint import open_state_dict
+
+    sd = open_state_dict(path)
+    metadata = getattr(sd, "metadata", None) or {}
+    return parse_adapter(sd, metadata, path=path)
+
+
+def describe_header(tensor_infos: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> HeaderSummary:
+    """Module kinds, ranks and weight shapes from a header alone (no tensor data read).
+
+    Args:
+        tensor_infos: key -> shape tuple, or an object with ``.shape`` (``loratools.io`` ``TensorInfo``).
+        metadata: the file's ``__metadata__`` (PEFT alphas live there).
+    Returns:
+        A ``HeaderSummary``; ``ModuleSummary.alpha_key`` names the alpha scalar to read if wanted.
+    Example:
+        >>> describe_header(read_header(p).tensors, read_header(p).metadata).modules
+    """
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in tensor_infos.items()}
+    groups = _groups(shapes, metadata, None)
+    modules: dict[str, ModuleSummary] = {}
+    unknown = list(groups.unclaimed)
+    styles: set[str] = set()
+    for name, group in groups.modules.items():
+        cls = _type_of(group, None)
+        used = _usable(cls, group.keys) if cls is not None else []
+        described = cls.describe({s: shapes[group.keys[s]] for s in used}) if cls is not None else None
+        if cls is None or described is None:
+            unknown.extend(group.keys.values())
+            continue
+        unknown.extend(k for s, k in group.keys.items() if s not in used)
+        rank, weight_shape = described
+        if cls is LoKrModule and rank is None:
+            alpha_key = None  # both factors full: alpha is ignored (scale 1)
+        else:
+            alpha_key = group.keys.get("alpha") if cls.TAKES_ALPHA else None
+        modules[name] = ModuleSummary(
+            name=name, source_name=group.source_name, kind=cls.kind, rank=rank, weight_shape=weight_shape,
+            factor_shapes={s: shapes[group.keys[s]] for s in used if s not in SHARED_SUFFIXES},
+            alpha_key=alpha_key if group.alpha is None else None, alpha=group.alpha,
+            dora="dora_scale" in used)
+        styles.add(group.style)
+    return HeaderSummary(modules=modules, unknown=unknown, naming=_naming(styles))

@@ -1,0 +1,219 @@
+"""The one in-memory form of an adapter module, and the registry of adapter types.
+
+Every algorithm (LoRA, LoHa, LoKr, IA3, full diff, norm diff) is a frozen dataclass that
+subclasses ``AdapterModule``: named tensor fields instead of positional tuples, one ``parse``
+that recognises its own suffixes, one ``delta`` that returns the weight change in float32.
+Subclasses register themselves when they are defined; two types that claim the same suffix
+raise at import, so a key can never be read two ways depending on dictionary order.
+
+``alpha`` and ``dora_scale`` are shared: several types carry them, so no type claims them and
+they never decide which type a module is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from loratools.errors import InvalidFileError, NonFiniteError
+
+if TYPE_CHECKING:  # torch is imported lazily so that header-only callers stay light
+    import torch
+
+#: Suffixes that belong to no single type (kohya spelling, after the module name's dot).
+SHARED_SUFFIXES: tuple[str, ...] = ("alpha", "dora_scale")
+
+_REGISTRY: dict[str, type[AdapterModule]] = {}
+
+
+def registry() -> dict[str, type[AdapterModule]]:
+    """Suffix -> adapter type, for every suffix a registered type claims."""
+    return dict(_REGISTRY)
+
+
+def adapter_types() -> list[type[AdapterModule]]:
+    """Registered adapter types, in registration order."""
+    seen: list[type[AdapterModule]] = []
+    for cls in _REGISTRY.values():
+        if cls not in seen:
+            seen.append(cls)
+    return seen
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """What a module's header (names and shapes, no tensor data) tells about it.
+
+    ``alpha_key`` is the file key of the alpha scalar, for callers that want the alpha
+    without reading any factor (one 2-byte read); ``alpha`` is filled when the format keeps it
+    outside the tensors (PEFT metadata).
+    """
+
+    name: str
+    source_name: str
+    kind: str
+    rank: int | None
+    weight_shape: tuple[int, ...] | None
+    factor_shapes: dict[str, tuple[int, ...]]
+    alpha_key: str | None = None
+    alpha: float | None = None
+    dora: bool = False
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class AdapterModule:
+    """One module of an adapter file in canonical form.
+
+    Attributes:
+        name: canonical kohya name (``lora_unet_input_blocks_4_1_proj_in``, ``lora_te1_text_model_...``).
+        source_name: the module name exactly as the file spells it (dotted for PEFT files).
+        alpha: the stored alpha, or None when the file has none (scale 1 for the scaled types).
+    """
+
+    kind: ClassVar[str] = ""
+    SUFFIXES: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``alpha`` / ``dora_scale`` may accompany this type.
+    TAKES_ALPHA: ClassVar[bool] = False
+    TAKES_DORA: ClassVar[bool] = False
+
+    name: str
+    source_name: str = ""
+    alpha: float | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__:
+            return
+        if not cls.kind or not cls.SUFFIXES:
+            raise TypeError(f"adapter type {cls.__name__} must define `kind` and `SUFFIXES`")
+        for suffix in cls.SUFFIXES:
+            if suffix in SHARED_SUFFIXES:
+                raise TypeError(f"adapter type {cls.__name__} claims shared suffix {suffix!r}")
+            other = _REGISTRY.get(suffix)
+            if other is not None and other is not cls:
+                raise TypeError(
+                    f"suffix {suffix!r} claimed by both {other.__name__} and {cls.__name__}"
+                )
+            _REGISTRY[suffix] = cls
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def parse(cls, name: str, tensors: Mapping[str, torch.Tensor], *, source_name: str = "",
+              alpha: float | None = None) -> AdapterModule | None:
+        """Build the module from ``suffix -> tensor`` (kohya suffixes), or None if incomplete.
+
+        ``alpha`` overrides a stored ``alpha`` tensor (PEFT files keep it in metadata).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
+        """``(rank, weight_shape)`` from ``suffix -> shape`` alone, or None if incomplete."""
+        raise NotImplementedError
+
+    # -- maths ----------------------------------------------------------------------------
+    @property
+    def rank(self) -> int | None:
+        """The rank alpha is divided by, or None for types without one."""
+        return None
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank (formats-spec 1.4); 1 when alpha or rank is missing."""
+        r = self.rank
+        if self.alpha is None or not r:
+            return 1.0
+        return float(self.alpha) / r
+
+    @property
+    def needs_base(self) -> bool:
+        """True when ``delta`` depends on the base weight (DoRA, IA3)."""
+        return False
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of ``delta()``: the base weight's shape, or its flattened 2-D form for conv
+        factors stored flattened (LoHa/LoKr); ``reshape`` to the target (numel is equal)."""
+        raise NotImplementedError
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Weight change in float32, scale included, user multiplier not.
+
+        Args:
+            base: the base weight; required when ``needs_base`` (reshaped to ``weight_shape``).
+        Returns:
+            A float32 tensor of ``weight_shape``.
+        Example:
+            >>> m.delta().shape == m.weight_shape
+        """
+        raise NotImplementedError
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """Bias change in float32, or None for types that never touch the bias."""
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``suffix -> tensor`` as a kohya-family file stores this module."""
+        raise NotImplementedError
+
+    # -- helpers shared by the types --------------------------------------------------------
+    def _alpha_tensor(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        if self.alpha is None:
+            return {}
+        return {"alpha": torch.tensor(float(self.alpha), dtype=like.dtype)}
+
+    def _finite(self, t: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"module {self.name}: its weight delta holds NaN or Inf; the file's factors are broken "
+                "(check it with `loratools check weights`)"
+            )
+        return t
+
+    def _base_for(self, base: torch.Tensor | None) -> torch.Tensor:
+        if base is None:
+            raise ValueError(f"module {self.name} ({self.kind}) needs the base weight to compute its delta")
+        shape = self.weight_shape
+        if base.numel() != math.prod(shape):
+            raise InvalidFileError(
+                f"module {self.name}: base weight shape {tuple(base.shape)} does not fit the adapter's "
+                f"{shape}; the adapter was made for another model"
+            )
+        return base.detach().float().reshape(shape)
+
+
+def read_alpha(t: torch.Tensor) -> float:
+    """Alpha as stored: 0-d or (1,), any dtype (formats-spec 1.7); bf16 values kept as is."""
+    return float(t.detach().float().reshape(-1)[0])
+
+
+def apply_dora(module: AdapterModule, base: torch.Tensor, diff: torch.Tensor,
+               dora_scale: torch.Tensor) -> torch.Tensor:
+    """DoRA at multiplier 1 (LyCORIS semantics, formats-spec 1.5): ``V*m/(|V|+eps) - W``.
+
+    ``V = W + diff``. The norm axis comes from ``dora_scale``'s shape: output rows when its
+    first dimension equals out (``(out, 1[, 1, 1])`` or PEFT's ``(out,)``), otherwise input
+    columns (``(1, in[, 1, 1])``, LyCORIS <= 3.1 and early ComfyUI).
+    """
+    import torch
+
+    w = module._base_for(base)
+    v = w + diff
+    eps = torch.finfo(torch.float32).eps
+    m = dora_scale.detach().float()
+    out = v.shape[0]
+    if m.shape[0] == out and (m.numel() == out):
+        norm = v.reshape(out, -1).norm(dim=1).reshape(out, *([1] * (v.dim() - 1)))
+        factor = m.reshape(norm.shape) / (norm + eps)
+    else:
+        cin = v.shape[1]
+        norm = v.transpose(0, 1).reshape(cin, -1).norm(dim=1)
+        shape = (1, cin, *([1] * (v.dim() - 2)))
+        factor = m.reshape(shape) / (norm.reshape(shape) + eps)
+    return v * factor - w
