@@ -137,7 +137,7 @@ def _check_output(opts: MergeOptions, source: ModelSource) -> None:
 
 def _load_adapters(opts: MergeOptions, arch: str):
     from loratools.adapters import load_adapter
-    from loratools.keys import detect_adapter_arch
+    from loratools.keys.arch import guess_adapter_arch
 
     loaded = []
     for wp in opts.adapters:
@@ -145,7 +145,9 @@ def _load_adapters(opts: MergeOptions, arch: str):
             raise InvalidFileError("is a folder; adapters are single .safetensors files", path=wp.path)
         adapter = load_adapter(wp.path)
         check_finite(adapter, wp.path)
-        check_arch(arch, opts.base, detect_adapter_arch(adapter).arch, wp.path)
+        info = guess_adapter_arch(adapter)  # None: nothing tells; the shape checks of the plan still apply
+        if info is not None:
+            check_arch(arch, opts.base, info.arch, wp.path)
         loaded.append((wp.path, wp.ratio, adapter))
     return loaded
 
@@ -192,16 +194,17 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
         ...                               Path("sdxl-style.safetensors")))
     """
     from loratools.io import open_model
-    from loratools.keys import BaseIndex
+    from loratools.keys.arch import detect_checkpoint_arch
+    from loratools.keys.index import BaseIndex
 
     if not opts.adapters:
         raise UsageError("give at least one adapter to merge")
     out_dtype = parse_dtype(opts.dtype)
     source = open_model(opts.base)
     _check_output(opts, source)
-    index = BaseIndex.from_model(source)
-    arch = index.arch.arch
+    arch = detect_checkpoint_arch(source).arch
     loaded = _load_adapters(opts, arch)
+    index = BaseIndex.from_model(source)
     shapes = {c: source.key_shapes(c) for c in source.components}
     plan = build_plan(index, shapes, loaded)
     if not opts.allow_unmatched:

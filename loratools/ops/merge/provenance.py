@@ -68,7 +68,8 @@ def _kept(metadata: Mapping[str, str] | None) -> dict[str, str]:
 def _modelspec(meta: dict[str, str], *, arch: str, architecture: str, implementation: str, title: str,
                merged_from: Sequence[str]) -> None:
     meta.setdefault("modelspec.sai_model_spec", "1.0.1")
-    meta.setdefault("modelspec.architecture", architecture)
+    if arch in _ARCHITECTURES:
+        meta.setdefault("modelspec.architecture", architecture)
     meta.setdefault("modelspec.implementation", implementation)
     meta.setdefault("modelspec.resolution", _RESOLUTIONS.get(arch, "512x512"))
     meta["modelspec.title"] = title

@@ -157,7 +157,7 @@ def _full_shape(live: Sequence[tuple[float, AdapterModule]]) -> tuple[int, ...]:
 
 def _load(opts: LoraMergeOptions) -> tuple[list[tuple[WeightedPath, AdapterFile]], str]:
     from loratools.adapters import load_adapter
-    from loratools.keys import detect_adapter_arch
+    from loratools.keys.arch import guess_adapter_arch
     from loratools.ops.merge.plan import check_finite
 
     if len(opts.adapters) < 1:
@@ -166,13 +166,14 @@ def _load(opts: LoraMergeOptions) -> tuple[list[tuple[WeightedPath, AdapterFile]
     for wp in opts.adapters:
         adapter = load_adapter(wp.path)
         check_finite(adapter, wp.path)
-        archs.append(detect_adapter_arch(adapter).arch)
+        info = guess_adapter_arch(adapter)
+        archs.append(info.arch if info is not None else None)
         loaded.append((wp, adapter))
-    if len(set(archs)) > 1:
+    if len({a for a in archs if a is not None}) > 1:
         listing = ", ".join(f"{wp.path.name}={a}" for (wp, _), a in zip(loaded, archs))
         raise ArchitectureMismatchError(f"adapters are for different architectures ({listing}); "
                                         "merge only adapters of one base model")
-    return loaded, archs[0]
+    return loaded, next((a for a in archs if a is not None), "unknown")
 
 
 def _out_dtype(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, AdapterFile]]) -> torch.dtype:
