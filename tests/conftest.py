@@ -45,6 +45,22 @@ def tiny_sdxl_dir(tiny_sdxl, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd1_ckpt(tiny_sd1, tmp_path_factory):
+    """``tiny_sd1`` as one LDM-layout float32 ``.safetensors`` (``model.diffusion_model.*``, ...)."""
+    from loratools.tiny import save_single_file
+
+    return save_single_file(tiny_sd1, tmp_path_factory.mktemp("tiny_sd1_ckpt") / "tiny-sd1.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_ckpt(tiny_sdxl, tmp_path_factory):
+    """``tiny_sdxl`` as one SGM-layout float32 ``.safetensors`` (``conditioner.embedders.*``, ...)."""
+    from loratools.tiny import save_single_file
+
+    return save_single_file(tiny_sdxl, tmp_path_factory.mktemp("tiny_sdxl_ckpt") / "tiny-sdxl.safetensors")
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """Six captioned PNGs in ``<root>/5_tinychar/`` (varied aspect ratios): a ``TinyDataset``."""
     from loratools.tiny import make_dataset

@@ -28,7 +28,7 @@ diffusers and transformers (that import alone takes ~3 s):
 
 from loratools.tiny.adapters import KINDS, NAMINGS, Target, TinyAdapter, make_lora, target_modules
 from loratools.tiny.dataset import TinyDataset, make_dataset
-from loratools.tiny.files import load_diffusers, save_diffusers
+from loratools.tiny.files import load_diffusers, load_single_file, save_diffusers, save_single_file
 from loratools.tiny.models import (
     ARCHES,
     SCHEDULER_CONFIG,
@@ -42,7 +42,7 @@ from loratools.tiny.tokenizer import make_tokenizer, tokenizer_vocab, write_toke
 
 __all__ = [
     "ARCHES", "KINDS", "NAMINGS", "SCHEDULER_CONFIG", "Target", "TinyAdapter", "TinyDataset",
-    "build_pipeline", "load_diffusers", "make_dataset", "make_lora", "make_tokenizer", "render",
-    "save_diffusers", "target_modules", "text_encoder_config", "tokenizer_vocab", "unet_config",
+    "build_pipeline", "load_diffusers", "load_single_file", "make_dataset", "make_lora", "make_tokenizer",
+    "render", "save_diffusers", "save_single_file", "target_modules", "text_encoder_config", "tokenizer_vocab", "unet_config",
     "vae_config", "write_tokenizer_files",
 ]

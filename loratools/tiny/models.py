@@ -31,19 +31,23 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 TEXT_HIDDEN = 32
+#: SDXL's second encoder is wider than the first (1280 vs 768 in the real model). diffusers'
+#: ``from_single_file`` tells the two apart by that width, so the tiny one must differ too.
+TEXT_HIDDEN_2 = 48
 
 
-def text_encoder_config(*, layers: int, act: str = "quick_gelu", pad_token_id: int | None = None) -> dict[str, Any]:
+def text_encoder_config(*, layers: int, act: str = "quick_gelu", pad_token_id: int | None = None,
+                        hidden: int = TEXT_HIDDEN) -> dict[str, Any]:
     """Config kwargs of a tiny CLIP text encoder sharing the tiny tokenizer's vocabulary."""
     vocab, _ = tokenizer_vocab()
     return {
         "vocab_size": len(vocab),
-        "hidden_size": TEXT_HIDDEN,
-        "intermediate_size": 37,
+        "hidden_size": hidden,
+        "intermediate_size": hidden + 5,
         "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "max_position_embeddings": MAX_LENGTH,
-        "projection_dim": TEXT_HIDDEN,
+        "projection_dim": hidden,
         "hidden_act": act,
         "bos_token_id": vocab["<|startoftext|>"],
         "eos_token_id": vocab[EOS],
@@ -99,13 +103,13 @@ def unet_config(arch: str) -> dict[str, Any]:
         return common | {
             "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
             "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-            "cross_attention_dim": 2 * TEXT_HIDDEN,
+            "cross_attention_dim": TEXT_HIDDEN + TEXT_HIDDEN_2,
             "transformer_layers_per_block": (1, 2),
             "attention_head_dim": (2, 4),
             "use_linear_projection": True,
             "addition_embed_type": "text_time",
             "addition_time_embed_dim": time_dim,
-            "projection_class_embeddings_input_dim": TEXT_HIDDEN + 6 * time_dim,
+            "projection_class_embeddings_input_dim": TEXT_HIDDEN_2 + 6 * time_dim,
         }
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHES}")
 
@@ -130,8 +134,8 @@ def build_pipeline(arch: str = "sd1", seed: int = 0) -> DiffusionPipeline:
 
     Example:
         >>> pipe = build_pipeline("sdxl", seed=1)
-        >>> pipe.unet.config.cross_attention_dim
-        64
+        >>> pipe.unet.config.cross_attention_dim  # 32 (TE1) + 48 (TE2)
+        80
     """
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -146,7 +150,7 @@ def build_pipeline(arch: str = "sd1", seed: int = 0) -> DiffusionPipeline:
             vae = AutoencoderKL(**vae_config(0.13025))
             te1 = CLIPTextModel(CLIPTextConfig(**text_encoder_config(layers=3)))
             te2 = CLIPTextModelWithProjection(
-                CLIPTextConfig(**text_encoder_config(layers=3, act="gelu", pad_token_id=0))
+                CLIPTextConfig(**text_encoder_config(layers=3, act="gelu", pad_token_id=0, hidden=TEXT_HIDDEN_2))
             )
             pipe = StableDiffusionXLPipeline(
                 vae=vae,
