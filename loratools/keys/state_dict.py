@@ -145,15 +145,15 @@ def _plan_hf_clip(shapes: Mapping[str, _SHAPE], component: str, prefix: str) -> 
     return plan
 
 
-# HF CLIP layer names -> OpenCLIP resblock names (formats-spec §2.1).
-_OC_LAYER = {
+#: HF CLIP layer names -> OpenCLIP resblock names (formats-spec §2.1); the index uses them too.
+OPENCLIP_LAYER_NAMES = {
     "self_attn.out_proj": "attn.out_proj",
     "layer_norm1": "ln_1",
     "layer_norm2": "ln_2",
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
-_OC_TOP = {
+OPENCLIP_TOP_NAMES = {
     "embeddings.token_embedding.weight": "token_embedding.weight",
     "embeddings.position_embedding.weight": "positional_embedding",
     "final_layer_norm.weight": "ln_final.weight",
@@ -167,8 +167,8 @@ def _plan_openclip(shapes: Mapping[str, _SHAPE], component: str, prefix: str) ->
     plain = {_strip_text_model(k): k for k in shapes}
     for name, key in plain.items():
         shape = tuple(shapes[key])
-        if name in _OC_TOP:
-            plan[prefix + _OC_TOP[name]] = Source(component, (key,), shape=shape)
+        if name in OPENCLIP_TOP_NAMES:
+            plan[prefix + OPENCLIP_TOP_NAMES[name]] = Source(component, (key,), shape=shape)
         elif name == "text_projection.weight":
             plan[prefix + "text_projection"] = Source(component, (key,), "transpose", shape[::-1])
         elif name.endswith("position_ids"):
@@ -181,8 +181,8 @@ def _plan_openclip(shapes: Mapping[str, _SHAPE], component: str, prefix: str) ->
                     parts = tuple(plain[f"encoder.layers.{n}.self_attn.{p}_proj.{kind}"] for p in "qkv")
                     fused = (sum(shapes[p][0] for p in parts), *shape[1:])
                     plan[f"{prefix}{base}attn.in_proj_{kind}"] = Source(component, parts, "cat", fused)
-            elif inner in _OC_LAYER:
-                plan[f"{prefix}{base}{_OC_LAYER[inner]}.{kind}"] = Source(component, (key,), shape=shape)
+            elif inner in OPENCLIP_LAYER_NAMES:
+                plan[f"{prefix}{base}{OPENCLIP_LAYER_NAMES[inner]}.{kind}"] = Source(component, (key,), shape=shape)
             else:
                 raise InvalidFileError(f"{component} key {key!r} has no OpenCLIP equivalent")
         else:
@@ -326,8 +326,8 @@ def _plan_hf_from_ldm(sub: Mapping[str, _SHAPE], prefix: str) -> tuple[Plan, lis
 
 
 _OC_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)[._](weight|bias)$")
-_OC_LAYER_BACK = {v: k for k, v in _OC_LAYER.items()}
-_OC_TOP_BACK = {v: k for k, v in _OC_TOP.items()}
+_OPENCLIP_LAYER_BACK = {v: k for k, v in OPENCLIP_LAYER_NAMES.items()}
+_OPENCLIP_TOP_BACK = {v: k for k, v in OPENCLIP_TOP_NAMES.items()}
 
 
 def _plan_openclip_from_ldm(sub: Mapping[str, _SHAPE], prefix: str, *,
@@ -336,8 +336,8 @@ def _plan_openclip_from_ldm(sub: Mapping[str, _SHAPE], prefix: str, *,
     used: list[str] = []
     for key, shape in sub.items():
         src = prefix + key
-        if key in _OC_TOP_BACK:
-            plan[TEXT_MODEL + _OC_TOP_BACK[key]] = Source("", (src,), shape=shape)
+        if key in _OPENCLIP_TOP_BACK:
+            plan[TEXT_MODEL + _OPENCLIP_TOP_BACK[key]] = Source("", (src,), shape=shape)
         elif key == "text_projection" and keep_projection:
             plan["text_projection.weight"] = Source("", (src,), "transpose", shape[::-1])
         elif m := _OC_BLOCK.match(key):
@@ -348,8 +348,8 @@ def _plan_openclip_from_ldm(sub: Mapping[str, _SHAPE], prefix: str, *,
                 for i, p in enumerate("qkv"):
                     plan[f"{layer}self_attn.{p}_proj.{kind}"] = Source(
                         "", (src,), "rows", (w, *shape[1:]), rows=(i * w, (i + 1) * w))
-            elif inner in _OC_LAYER_BACK:
-                plan[f"{layer}{_OC_LAYER_BACK[inner]}.{kind}"] = Source("", (src,), shape=shape)
+            elif inner in _OPENCLIP_LAYER_BACK:
+                plan[f"{layer}{_OPENCLIP_LAYER_BACK[inner]}.{kind}"] = Source("", (src,), shape=shape)
             else:
                 continue
         else:
