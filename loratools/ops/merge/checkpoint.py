@@ -194,7 +194,6 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
         ...                               Path("sdxl-style.safetensors")))
     """
     from loratools.io import open_model
-    from loratools.keys.arch import detect_checkpoint_arch
     from loratools.keys.index import BaseIndex
 
     if not opts.adapters:
@@ -202,11 +201,10 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
     out_dtype = parse_dtype(opts.dtype)
     source = open_model(opts.base)
     _check_output(opts, source)
-    arch = detect_checkpoint_arch(source).arch
-    loaded = _load_adapters(opts, arch)
     index = BaseIndex.from_model(source)
-    shapes = {c: source.key_shapes(c) for c in source.components}
-    plan = build_plan(index, shapes, loaded)
+    arch = index.arch.arch
+    loaded = _load_adapters(opts, arch)
+    plan = build_plan(index, loaded)
     if not opts.allow_unmatched:
         _refuse_unmatched(plan)
 

@@ -76,21 +76,25 @@ def check_finite(adapter: AdapterFile, path: Path) -> None:
                                      path=path)
 
 
-def _bias_key(key: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    for suffix, bias in (("in_proj_weight", "in_proj_bias"), (".weight", ".bias")):
-        if key.endswith(suffix):
-            candidate = key[: -len(suffix)] + bias
-            return candidate if candidate in shapes else None
-    return None
+def _fits(module: AdapterModule, target) -> bool:
+    """Whether the module's delta can be added to the target (reshape, or inpainting in-channel padding)."""
+    from loratools.keys.index import shapes_compatible
+
+    try:
+        shape = tuple(module.weight_shape)
+    except ValueError:  # IA3: shaped by the base itself
+        return True
+    if shapes_compatible(shape, target.shape):
+        return True
+    t = tuple(target.shape)
+    return len(shape) == 4 and len(t) == 4 and shape[0] == t[0] and shape[2:] == t[2:] and shape[1] < t[1]
 
 
-def build_plan(index, key_shapes: dict[str, dict[str, tuple[int, ...]]],
-               adapters: list[tuple[Path, float, AdapterFile]]) -> MergePlan:
+def build_plan(index, adapters: list[tuple[Path, float, AdapterFile]]) -> MergePlan:
     """Resolve every module of every adapter against the base index.
 
     Args:
-        index: a ``loratools.keys.BaseIndex`` of the base model.
-        key_shapes: ``component -> key -> shape`` of the base (header data only).
+        index: a ``loratools.keys.index.BaseIndex`` of the base model.
         adapters: ``(path, ratio, parsed file)`` in command-line order.
 
     Raises:
@@ -108,9 +112,13 @@ def build_plan(index, key_shapes: dict[str, dict[str, tuple[int, ...]]],
             if target is None:
                 plan.unmatched.append(name)
                 continue
+            if not _fits(module, target):
+                plan.unmatched.append(f"{name} (delta shape {tuple(module.weight_shape)} does not fit "
+                                      f"{target.key} {tuple(target.shape)})")
+                continue
             wanted = [(target.key, False)]
             if module.bias_delta() is not None:
-                bias = _bias_key(target.key, key_shapes[target.component])
+                bias = target.bias_key
                 if bias is None:
                     plan.unmatched.append(f"{name} (bias delta, base has no bias for {target.key})")
                     continue
