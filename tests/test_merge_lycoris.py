@@ -1,0 +1,81 @@
+"""LoHa / LoKr merged into a checkpoint equal lycoris-lora's training forward at the same multiplier.
+
+lycoris-lora's own merge path scales LoHa/LoKr twice when alpha != rank (formats-spec 1.4); the
+forward pass used in training, ComfyUI and A1111 scale once, and that is what a merge must bake in.
+The layers are real layers of the tiny SD1 UNet (a 3x3 resnet conv and an attention linear); the
+merged weights are read back from the written file.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lycoris.modules.loha import LohaModule as LyLoha
+from lycoris.modules.lokr import LokrModule as LyLokr
+from torch import nn
+
+from loratools.io import open_safetensors, save_tensors
+from loratools.keys.index import BaseIndex
+from loratools.keys.naming import underscored
+from loratools.ops.merge import MergeOptions, WeightedPath, merge_checkpoint
+from loratools.tiny import save_single_file
+from loratools.tiny.adapters import target_modules
+
+RATIO = 0.7
+
+
+@pytest.fixture(scope="module")
+def base(tiny_sd1, tmp_path_factory):
+    return save_single_file(tiny_sd1, tmp_path_factory.mktemp("lycoris") / "sd1.safetensors")
+
+
+def _layers(pipe):
+    found = {}
+    for component, path, layer in target_modules(pipe, "loha"):
+        if component != "unet":
+            continue
+        kind = "conv" if isinstance(layer, nn.Conv2d) and layer.kernel_size == (3, 3) else (
+            "linear" if isinstance(layer, nn.Linear) else None)
+        if kind and kind not in found:
+            found[kind] = (path, layer)
+    return found
+
+
+@pytest.mark.parametrize("cls, kwargs", [(LyLoha, dict(lora_dim=4, alpha=2)),
+                                         (LyLokr, dict(lora_dim=2, alpha=1, factor=4, decompose_both=True))],
+                         ids=["loha", "lokr"])
+def test_merged_weights_equal_lycoris_forward(tiny_sd1, base, tmp_path, cls, kwargs):
+    torch.manual_seed(0)
+    tensors, wrapped = {}, {}
+    for kind, (path, layer) in _layers(tiny_sd1).items():
+        name = "lora_unet_" + underscored(path)
+        module = cls(name, copy.deepcopy(layer), RATIO, **kwargs)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.3)
+        module.apply_to()
+        wrapped[kind] = (name, layer, module)
+        tensors.update({f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()
+                        if not k.startswith("org_")})
+    lora = tmp_path / "lyco.safetensors"
+    save_tensors(lora, tensors, {"ss_base_model_version": "sd_v1"})
+    out = tmp_path / "merged.safetensors"
+    result = merge_checkpoint(MergeOptions(base, [WeightedPath(lora, RATIO)], out))
+    assert result.adapters[0].applied == len(wrapped)
+
+    index = BaseIndex.from_key_shapes(open_safetensors(base).key_shapes())
+    merged = open_safetensors(out)
+    for kind, (name, layer, module) in wrapped.items():
+        w = merged[index.resolve(name).key].float()
+        if kind == "conv":
+            x = torch.randn(2, layer.in_channels, 6, 6)
+            got = F.conv2d(x, w, layer.bias, padding=layer.padding)
+        else:
+            x = torch.randn(3, layer.in_features)
+            got = F.linear(x, w, layer.bias)
+        with torch.no_grad():
+            want = module(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
