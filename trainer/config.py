@@ -639,3 +639,28 @@ def _check_schedule_and_saving(cfg: TrainConfig) -> None:
         if value is not None and value <= 0:
             warn(f"--{name}={value} disables it")
             setattr(cfg, name, None)
+
+
+def config_to_toml(cfg: TrainConfig, *, only_changed: bool = True) -> str:
+    """The configuration as a TOML recipe (``--output_config``): by default only values that differ from sd-scripts' defaults."""
+    import json
+
+    defaults = TrainConfig()
+    lines = []
+    for name, value in cfg.settings().items():
+        if name == "config" or value is None:
+            continue
+        if only_changed and value == getattr(defaults, name):
+            continue
+        lines.append(f"{name} = {_toml_value(value, json)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any, json: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, json) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)

@@ -249,24 +249,28 @@ def parse_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, notes
 
 
+def read_toml(path: Path, missing: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a ``UsageError`` naming it (``missing`` is the hint)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(missing, path=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"not valid TOML: {exc}", path=path) from None
+
+
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """Read a TOML recipe: flat keys, or keys grouped in tables (flattened, as sd-scripts' config_file).
 
     Keys are sd-scripts argument names (dashes allowed); unknown keys are an error naming the
     file, the key and the nearest valid name.
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError("recipe not found (check the --config path)", path=path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"not valid TOML: {exc}", path=path) from None
+    data = read_toml(path, "recipe not found (check the --config path)")
     fields = _fields()
     values: dict[str, Any] = {}
     notes: list[str] = []

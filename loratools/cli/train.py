@@ -1,9 +1,151 @@
-"""`loratools train` (being built; see issue tracker)."""
+"""`loratools train`: sd-scripts-compatible LoRA/LyCORIS training (SD1.x, SD2, SDXL/Pony).
+
+The command only wires: the raw sd-scripts flags go to ``trainer.config.resolve_config``,
+``--dry-run`` prints the resolved configuration and sd-scripts' step arithmetic from the images
+on disk (no model, no torch), and otherwise ``trainer.run.train`` runs (imported lazily).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+from loratools.cli.options import JsonOpt
+
+HELP = (
+    "Train a LoRA/LoCon (or any LyCORIS algorithm) with sd-scripts' flags.\n\n"
+    "Every train_network.py / sdxl_train_network.py flag is accepted as sd-scripts spells it (--flag=value, "
+    "--flag value, bare --flag for booleans, --network_args k=v k=v; dashes or underscores); a TOML recipe "
+    "(--config) sets values that flags override. Flags accepted without effect, and the seed guides' typos "
+    "(--spda, save_precision=fp32), are reported as warnings. --list-flags shows them all.\n\n"
+    "Step arithmetic (as sd-scripts): batches per epoch = sum over buckets of ceil(images x repeats / batch size); "
+    "optimizer steps per epoch = ceil(batches / processes / gradient_accumulation_steps); --max_train_epochs sets "
+    "total steps = epochs x steps per epoch, otherwise epochs = ceil(max_train_steps / steps per epoch). "
+    "Effective batch = batch size x processes x accumulation.\n\n"
+    "Example: loratools train --config recipes/pony-locon.toml --pretrained_model_name_or_path pony/ "
+    "--train_data_dir data/ --output_dir out/ --dry-run\n\n"
+    "Multi-GPU: accelerate launch --num_processes 2 -m loratools train --config ..."
+)
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the main app."""
+    app.command(
+        "train",
+        help=HELP,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(train)
+
+
+def train(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "--config_file", help="TOML recipe (sd-scripts flag names as keys); flags override it.",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", "--dry_run", help="Print the resolved configuration, buckets and step arithmetic; load no model.")] = False,
+    list_flags: Annotated[bool, typer.Option(
+        "--list-flags", help="List every accepted sd-scripts flag with its default and exit.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train (see the help above)."""
+    from loratools.cli.output import warn
+    from trainer.config import resolve_config
+
+    if list_flags:
+        _list_flags(json_out)
+        return
+
+    argv = (["--config", str(config)] if config is not None else []) + list(ctx.args)
+    cfg = resolve_config(argv)
+    if cfg.output_config:
+        from trainer.config import config_to_toml
+
+        for message in cfg.warnings:
+            warn(message)
+        typer.echo(config_to_toml(cfg), nl=False)
+        return
+    if dry_run:
+        _dry_run(cfg, json_out)
+        return
+    if not cfg.pretrained_model_name_or_path:
+        from loratools.errors import UsageError
+
+        raise UsageError("--pretrained_model_name_or_path is required (a diffusers folder or a .safetensors/.ckpt file)")
+    for message in cfg.warnings:
+        warn(message)
+    from trainer.run import train as run_train
+
+    run_train(cfg)
+
+
+def _dry_run(cfg: Any, json_out: bool) -> None:
+    from loratools.cli.output import console, print_json, table, warn
+    from trainer.data.layout import build_layouts
+    from trainer.data.steps import plan_for_layouts
+
+    layouts = build_layouts(cfg, seed=cfg.seed or 0)
+    validation = build_layouts(cfg, validation=True) if any(l.spec.validation_split > 0 for l in layouts) else []
+    plan = plan_for_layouts(cfg, layouts, num_validation_images=sum(v.num_train_images for v in validation))
+    if not cfg.pretrained_model_name_or_path:
+        cfg.warnings.append("--pretrained_model_name_or_path is not set; a real run needs it")
+    outputs = _planned_outputs(cfg, plan)
+    buckets = [{"dataset": n, "bucket": i, "resolution": list(reso), "count": count}
+               for n, layout in enumerate(layouts) for i, reso, count in layout.bucket_table()]
+    if json_out:
+        for message in cfg.warnings:
+            warn(message)
+        print_json({
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.settings().items()},
+            "provided": sorted(cfg.provided),
+            "warnings": cfg.warnings,
+            "steps": dict(plan.__dict__, effective_batch_size=plan.effective_batch_size),
+            "buckets": buckets,
+            "mean_ar_error": [layout.bucket_info()["mean_img_ar_error"] for layout in layouts],
+            "outputs": outputs,
+        })
+        return
+    rows = [(name, _show(value)) for name, value in cfg.settings().items() if name in cfg.provided]
+    console.print(table("Configuration (recipe and flags)", ["option", "value"], rows))
+    console.print(table("Buckets", ["dataset", "bucket", "resolution", "count"],
+                        [(b["dataset"], b["bucket"], "x".join(map(str, b["resolution"])), b["count"]) for b in buckets],
+                        justify_right=["count"]))
+    console.print(table("Step arithmetic (sd-scripts)", ["", "value"], plan.summary_rows(), justify_right=["value"]))
+    console.print(table("Files a run writes", ["file"], [(o,) for o in outputs]))
+    for message in cfg.warnings:
+        warn(message)
+
+
+def _list_flags(json_out: bool) -> None:
+    from loratools.cli.output import console, print_json, table
+    from trainer.config import TrainConfig, config_fields
+
+    defaults = TrainConfig()
+    rows = [(f.metadata["group"], f"--{name}", _show(getattr(defaults, name)), f.metadata["help"])
+            for name, f in config_fields().items()]
+    if json_out:
+        print_json([dict(zip(("group", "flag", "default", "help"), r)) for r in rows])
+        return
+    console.print(table("sd-scripts flags accepted by loratools train", ["group", "flag", "default", "help"], rows))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value and isinstance(value[0], str) else ",".join(map(str, value))
+    return str(value)
+
+
+def _planned_outputs(cfg: Any, plan: Any) -> list[str]:
+    """The model files sd-scripts' save schedule produces (epoch/step saves and the final file)."""
+    name = cfg.resolved_output_name
+    ext = cfg.save_model_as
+    folder = Path(cfg.output_dir) if cfg.output_dir else Path(".")
+    files = []
+    if cfg.save_every_n_epochs:
+        files += [f"{name}-{e:06d}.{ext}" for e in range(1, plan.num_epochs) if e % cfg.save_every_n_epochs == 0]
+    if cfg.save_every_n_steps:
+        files += [f"{name}-step{s:08d}.{ext}" for s in range(1, plan.max_train_steps + 1) if s % cfg.save_every_n_steps == 0]
+    files.append(f"{name}.{ext}")
+    return [str(folder / f) for f in files]

@@ -139,17 +139,10 @@ def folder_subsets(parent: str | None, is_reg: bool, cfg: TrainConfig) -> list[S
 
 def load_dataset_config(path: str | Path, cfg: TrainConfig) -> list[DatasetSpec]:
     """Read a sd-scripts dataset TOML (``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]``)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    from trainer.flags import read_toml
+
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidFileError("dataset config not found (check --dataset_config)", path=path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidFileError(f"not valid TOML: {exc}", path=path) from None
+    data = read_toml(path, "dataset config not found (check --dataset_config)")
     _check_keys(data, {"general", "datasets"}, "top level", path)
     general = data.get("general", {})
     if not isinstance(general, dict):
