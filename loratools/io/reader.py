@@ -94,3 +94,34 @@ def open_safetensors(path: str | Path) -> SafetensorsReader:
         >>> sd = open_safetensors("lora.safetensors"); sd["lora_unet_conv_in.alpha"]
     """
     return SafetensorsReader(read_header(path))
+
+
+_STRUCT_CODES = {"F16": "e", "F32": "f", "F64": "d", "I8": "b", "U8": "B", "I16": "h", "U16": "H",
+                 "I32": "i", "U32": "I", "I64": "q", "U64": "Q", "BOOL": "?"}
+
+
+def read_scalars(header: SafetensorsHeader, keys: list[str]) -> dict[str, float]:
+    """Values of one-element tensors (alphas) read with plain file I/O, without importing torch.
+
+    A header-only summary of a multi-GB file needs every module's alpha: a few bytes each, so
+    this seeks to each one instead of mapping or loading anything. Keys that are not one-element
+    tensors of a numeric dtype are left out of the result.
+    """
+    import struct
+
+    out: dict[str, float] = {}
+    try:
+        with open(header.path, "rb") as fh:
+            for key in keys:
+                info = header.tensors.get(key)
+                if info is None or info.numel != 1:
+                    continue
+                fh.seek(header.data_offset + info.begin)
+                raw = fh.read(info.nbytes)
+                if info.dtype == "BF16":
+                    out[key] = struct.unpack("<f", b"\x00\x00" + raw)[0]
+                elif info.dtype in _STRUCT_CODES:
+                    out[key] = float(struct.unpack("<" + _STRUCT_CODES[info.dtype], raw)[0])
+    except OSError as exc:
+        raise InvalidFileError(f"cannot read file ({exc.strerror})", path=header.path) from None
+    return out
