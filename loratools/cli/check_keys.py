@@ -1,9 +1,106 @@
-"""`loratools check keys` (being built)."""
+"""`loratools check keys`: does every module of an adapter apply to this base model?
+
+Only wiring: the operation (`loratools.ops.check_keys`) is imported inside the command so
+`--help` stays instant. Exit 0 when every module applies, 1 when the check finds a problem
+(unmatched, shape mismatch, two modules on one weight, unknown keys, architecture mismatch).
+"""
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from loratools.cli.options import JsonOpt
+
+_EXAMPLES = """
+Examples:
+
+  loratools check keys my_lora.safetensors --base sd_xl_base_1.0.safetensors
+
+  loratools check keys lora.safetensors --base models/sd15-diffusers --json
+"""
+
+_SHOWN = 50  # longest list printed without --all
+
+
+def keys(
+    adapter: Annotated[Path, typer.Argument(help="LoRA/LyCORIS/PEFT adapter file.", show_default=False)],
+    base: Annotated[Path, typer.Option("--base", "-b", help="Base checkpoint (.safetensors/.ckpt) or diffusers "
+                                       "folder.", show_default=False)],
+    show_all: Annotated[bool, typer.Option("--all", help=f"List every problem module (default: first {_SHOWN}) "
+                                           "and every module that applies.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check that every module of an adapter maps to a weight of the base model with a fitting shape.
+
+    Prints "N/M modules apply; K unmatched; LoRA: SDXL, base: SDXL", then the modules that do not
+    apply and why. Reads only file headers.
+    """
+    from loratools.cli import output as out
+    from loratools.ops.check_keys import CheckKeysOptions, check_keys
+
+    result = check_keys(CheckKeysOptions(adapter=adapter, base=base))
+    if json_out:
+        out.print_json(result.as_json())
+    else:
+        _render(result, show_all)
+    if not result.ok:
+        if not json_out:
+            for problem in result.problems():
+                out.err_console.print(f"[red]problem:[/red] {problem}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+
+
+def _render(result, show_all: bool) -> None:
+    from loratools.cli import output as out
+
+    limit = None if show_all else _SHOWN
+    unmatched = [m.name for m in result.modules if m.status == "unmatched"]
+    _listing(f"unmatched modules ({len(unmatched)}): no base weight has these names", unmatched, limit)
+    shape = [m for m in result.modules if m.status == "shape"]
+    if shape:
+        out.console.print(out.table(f"shape mismatches ({len(shape)})", ["module", "base weight", "adapter", "base"],
+                                    [(m.name, _where(m), _shape(m.adapter_shape), _shape(m.base_shape))
+                                     for m in shape[:limit]]))
+    groups: dict[str, list[str]] = {}
+    for m in result.modules:
+        if m.status == "duplicate":
+            groups.setdefault(_where(m), []).append(m.name)
+    if groups:
+        out.console.print(out.table(f"weights changed by more than one module ({len(groups)})",
+                                    ["base weight", "modules"],
+                                    [(w, "\n".join(names)) for w, names in list(groups.items())[:limit]]))
+    _listing(f"keys of no known adapter type ({len(result.unknown_keys)})", result.unknown_keys, limit)
+    if show_all:
+        good = [(m.name, _where(m), _shape(m.base_shape)) for m in result.modules if m.status == "ok"]
+        if good:
+            out.console.print(out.table("modules that apply", ["module", "base weight", "shape"], good))
+    out.console.print(result.summary)
+
+
+def _listing(title: str, names: list[str], limit: int | None) -> None:
+    from loratools.cli import output as out
+
+    if not names:
+        return
+    out.console.print(title)
+    for name in names[:limit]:
+        out.console.print(f"  {name}", soft_wrap=True)
+    if limit is not None and len(names) > limit:
+        out.console.print(f"  ... and {len(names) - limit} more (--all lists them)")
+
+
+def _where(m) -> str:
+    return (m.target or "") + (f"[{m.rows[0]}:{m.rows[1]}]" if m.rows else "")
+
+
+def _shape(shape) -> str:
+    return "" if shape is None else "x".join(str(d) for d in shape)
 
 
 def register(app: typer.Typer) -> None:
     """Add `keys` to the `check` group."""
+    app.command("keys", help=inspect.cleandoc(keys.__doc__ or "") + "\n" + _EXAMPLES, no_args_is_help=True)(keys)
