@@ -1,0 +1,437 @@
+"""`train(cfg)`: wire data, models, network, optimizer and the loop; save, sample, log, resume.
+
+The single-process path and `accelerate launch` (DDP, several processes or nodes) are the same
+code: the dataloader is sharded by accelerate, the network's gradients are averaged across
+processes, only the main process writes files, and sample prompts are split over processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratools.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    final_file: Path | None
+    saved_files: list[Path] = field(default_factory=list)
+    sample_files: list[Path] = field(default_factory=list)
+    state_dirs: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    global_step: int = 0
+    epochs: int = 0
+    keys_scaled: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"loratools/{version('loratools')}"
+    except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
+        return "loratools/unknown"
+
+
+def _say(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _dtype(name: str | None) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name or "no", torch.float32)
+
+
+def _make_accelerator(cfg):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = cfg.log_with or ("tensorboard" if cfg.logging_dir else None)
+    project = None
+    if log_with:
+        if not cfg.logging_dir:
+            raise UsageError(f"--log_with {log_with} needs --logging_dir (where the logs go)")
+        run_dir = Path(cfg.logging_dir) / f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
+        if log_with in ("wandb", "all"):
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise UsageError("--log_with wandb needs the wandb package (pip install wandb)") from None
+    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       mixed_precision=cfg.mixed_precision or "no",
+                       log_with=None if not log_with else ("all" if log_with == "all" else [log_with]),
+                       project_config=project)
+
+
+def train(cfg: Any) -> TrainResult:
+    """Train a network as sd-scripts' train_network.py / sdxl_train_network.py would.
+
+    Args:
+        cfg: a `trainer.config.TrainConfig` (sd-scripts field names).
+    Returns:
+        `TrainResult` with the written files and the loss per optimizer step.
+    Example:
+        >>> train(resolve_config(["--pretrained_model_name_or_path", "base/", "--train_data_dir", "img",
+        ...                       "--output_dir", "out", "--max_train_steps", "10"]))
+    """
+    from accelerate.utils import set_seed
+
+    from trainer.config import parse_literal_args, parse_network_args
+    from trainer.data import build_dataset
+    from trainer.loop import EpochSampler, LossRecorder, Trainer, TrainState, sync_gradients, unwrap_batch
+    from trainer.models import load_base_model, make_noise_scheduler
+    from trainer.network import create_network
+    from trainer.optim import create_optimizer, create_scheduler
+    from trainer import saving
+    from trainer.text_encoding import TextEncoderHelper
+
+    if not cfg.output_dir:
+        raise UsageError("--output_dir is required (where the trained files go)")
+    session_start = time.time()
+    accelerator = _make_accelerator(cfg)
+    seed = cfg.seed if cfg.seed is not None else random.randint(0, 2**32 - 1)
+    set_seed(seed)
+    warnings = list(getattr(cfg, "warnings", []) or [])
+
+    # --- models -----------------------------------------------------------------------------
+    model = None
+    for index in range(accelerator.num_processes) if cfg.lowram else [accelerator.process_index]:
+        if index == accelerator.process_index:
+            model = load_base_model(cfg)
+        if cfg.lowram:
+            accelerator.wait_for_everyone()
+    assert model is not None
+    arch = model.arch
+    if arch == "sdxl" and cfg.clip_skip:
+        warnings.append("--clip_skip has no effect on SDXL (it always uses the penultimate layers)")
+    weight_dtype = _dtype(cfg.mixed_precision)
+    vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
+    device = accelerator.device
+
+    # --- data -------------------------------------------------------------------------------
+    cfg.model_type = arch
+    dataset = build_dataset(cfg, num_processes=accelerator.num_processes)
+    plan = dataset.plan
+    train_unet = not cfg.network_train_text_encoder_only
+    train_te = not cfg.network_train_unet_only
+    if cfg.cache_text_encoder_outputs and train_te:
+        raise UsageError("--cache_text_encoder_outputs needs --network_train_unet_only (cached text encoders "
+                         "cannot be trained)")
+
+    noise_scheduler = make_noise_scheduler(cfg.zero_terminal_snr, model.v_parameterization)
+    if cfg.zero_terminal_snr and not model.v_parameterization:
+        warnings.append("--zero_terminal_snr without v-parameterization makes the terminal step untrainable")
+    text = TextEncoderHelper(arch, model.tokenizers, model.text_encoders,
+                             clip_skip=None if arch == "sdxl" else cfg.clip_skip,
+                             max_token_length=cfg.max_token_length)
+
+    model.vae.to(device, dtype=vae_dtype)
+    trainer = Trainer(cfg, accelerator, model, None, noise_scheduler, text, weight_dtype, vae_dtype,
+                      train_unet, train_te)
+    if cfg.cache_latents or cfg.cache_latents_to_disk:
+        to_disk = bool(cfg.cache_latents_to_disk)
+        shard = (accelerator.process_index, accelerator.num_processes) if to_disk else (0, 1)
+        report = dataset.cache_latents(trainer.encode_images, to_disk, sdxl=arch == "sdxl",
+                                       latent_stride=model.vae_scale_factor, shard=shard)
+        if to_disk and accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()
+            dataset.cache_latents(trainer.encode_images, to_disk, sdxl=arch == "sdxl",
+                                  latent_stride=model.vae_scale_factor, shard=shard)
+        _say(accelerator, f"latents: {report.encoded} encoded, {report.reused} cached files reused")
+        model.vae.to("cpu")
+    accelerator.wait_for_everyone()
+
+    # --- network ----------------------------------------------------------------------------
+    network_args = parse_network_args(cfg.network_args or [])
+    weights = None
+    if cfg.network_weights:
+        from loratools.io.checkpoint import open_state_dict
+
+        weights = dict(open_state_dict(cfg.network_weights))
+    network = create_network(cfg, arch, model.unet, model.text_encoders, network_args,
+                             train_unet=train_unet, train_text_encoder=train_te, weights=weights)
+    warnings += network.ignored
+    network.apply_to()
+    trainer.network = network
+
+    unet, text_encoders = model.unet, model.text_encoders
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        for te in text_encoders:
+            if train_te:
+                te.gradient_checkpointing_enable()
+                te.train()
+    unet.requires_grad_(False)
+    unet.to(device, dtype=weight_dtype)
+    for te in text_encoders:
+        te.requires_grad_(False)
+        te.to(device, dtype=weight_dtype)
+    net_dtype = torch.float16 if cfg.full_fp16 else torch.bfloat16 if cfg.full_bf16 else torch.float32
+    network.to(device, dtype=net_dtype)
+    if cfg.sdpa or cfg.mem_eff_attn:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    if cfg.xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # noqa: BLE001 - xformers missing or no CUDA: degrade to sdpa
+            warnings.append(f"--xformers unavailable ({type(exc).__name__}); using PyTorch sdpa attention")
+
+    # --- optimizer, data loader, schedule ---------------------------------------------------
+    groups, descriptions = network.prepare_optimizer_params(cfg.text_encoder_lr, cfg.unet_lr, cfg.learning_rate)
+    if not groups:
+        raise UsageError("no parameters to train: every learning rate is 0 or no module was created; "
+                         "check --unet_lr/--text_encoder_lr and --network_train_*_only")
+    opt_info = create_optimizer(cfg, groups, parse_literal_args(cfg.optimizer_args or []))
+    num_workers = min(int(cfg.max_data_loader_n_workers or 0), (__import__("os").cpu_count() or 1))
+    sampler = EpochSampler(len(dataset), seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=unwrap_batch,
+                                         num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    per_epoch = plan.steps_per_epoch
+    max_train_steps = plan.max_train_steps
+    cfg.max_train_steps = max_train_steps
+    num_epochs = plan.num_epochs
+    lr_scheduler = create_scheduler(cfg, opt_info, accelerator.num_processes)
+    optimizer, loader, lr_scheduler = accelerator.prepare(opt_info.optimizer, loader, lr_scheduler)
+    accelerator.register_for_checkpointing(network)
+    params = [p for g in groups for p in g["params"]]
+    recorder = LossRecorder()
+
+    total_batch = plan.effective_batch_size
+    dataset_meta = _dataset_metadata(dataset)
+    base_meta = saving.base_metadata(
+        cfg, arch=arch, v_pred=model.v_parameterization, network_module=cfg.network_module,
+        network_args=network_args, dataset_meta=dataset_meta, num_batches_per_epoch=len(loader),
+        num_epochs=num_epochs, max_train_steps=max_train_steps, ss_optimizer=opt_info.ss_optimizer,
+        total_batch_size=total_batch, seed=seed, model_path=model.path, vae_path=model.vae_path,
+        session_start=session_start, trainer_version=_version())
+    save_dtype = saving.SAVE_DTYPES[cfg.save_precision]
+    out_dir = Path(cfg.output_dir)
+    name = cfg.resolved_output_name
+    ext = cfg.save_model_as if cfg.save_model_as != "pt" else "pt"
+    result = TrainResult(out_dir, None, warnings=warnings)
+    for w in warnings:
+        _say(accelerator, f"warning: {w}")
+
+    _say(accelerator, dataset.summary())
+    _say(accelerator, f"network: {network.module_count()} modules ({cfg.network_module}), optimizer "
+                      f"{opt_info.ss_optimizer}, lr scheduler {opt_info.lr_scheduler}")
+
+    def save(file_name: str, epoch: int, step: int) -> None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        ts = time.time()
+        meta = dict(base_meta)
+        meta.update({"ss_training_finished_at": str(ts), "ss_steps": str(step), "ss_epoch": str(epoch)})
+        meta.update(saving.modelspec(cfg, arch=arch, v_pred=model.v_parameterization,
+                                     trainer_version=_version(), timestamp=session_start))
+        path = saving.save_network_file(out_dir / file_name, network.kohya_state_dict(), meta, save_dtype,
+                                        save_model_as=cfg.save_model_as)
+        if path not in result.saved_files:
+            result.saved_files.append(path)
+
+    def remove(file_name: str) -> None:
+        if accelerator.is_main_process:
+            path = out_dir / file_name
+            if path.exists():
+                path.unlink()
+                _say(accelerator, f"removed old file {path.name}")
+
+    def save_state(folder_name: str, epoch: int, step: int) -> None:
+        folder = out_dir / folder_name
+        accelerator.save_state(str(folder))
+        if accelerator.is_main_process:
+            TrainState(epoch, step).write(folder, recorder)
+            result.state_dirs.append(folder)
+
+    def remove_state(folder_name: str) -> None:
+        if accelerator.is_main_process:
+            import shutil
+
+            folder = out_dir / folder_name
+            if folder.is_dir():
+                shutil.rmtree(folder)
+
+    from trainer.sampling import Sampler
+
+    sampler_images = Sampler.maybe(cfg, model, network, accelerator, out_dir, name, weight_dtype, seed)
+
+    def sample(epoch: int | None, step: int) -> None:
+        if sampler_images is not None:
+            result.sample_files += sampler_images.run(epoch=epoch, step=step)
+
+    # --- resume -----------------------------------------------------------------------------
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if cfg.resume:
+        folder = Path(cfg.resume)
+        if not (folder / "train_state.json").exists():
+            raise UsageError(f"--resume {folder}: no train_state.json there; pass a folder written by --save_state")
+        accelerator.load_state(str(folder))
+        state = TrainState.read(folder, recorder)
+        global_step = state.step
+        first_epoch = state.step // per_epoch
+        skip_batches = (state.step % per_epoch) * cfg.gradient_accumulation_steps
+        _say(accelerator, f"resumed from {folder}: step {global_step}, epoch {first_epoch + 1}")
+    elif cfg.initial_step or cfg.initial_epoch:
+        global_step = cfg.initial_step or (cfg.initial_epoch - 1) * per_epoch
+        first_epoch = global_step // per_epoch
+        if cfg.skip_until_initial_step:
+            skip_batches = (global_step % per_epoch) * cfg.gradient_accumulation_steps
+
+    if accelerator.is_main_process and accelerator.trackers == [] and (cfg.log_with or cfg.logging_dir):
+        accelerator.init_trackers(cfg.log_tracker_name or "network_train")
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process, file=sys.stderr)
+    if cfg.sample_at_first and not cfg.resume:
+        sample(0, 0)
+
+    def log_step(loss: float, keys_scaled=None, mean_norm=None, max_norm=None) -> None:
+        if not accelerator.trackers:
+            return
+        logs: dict[str, float] = {"loss/current": loss, "loss/average": recorder.average}
+        lrs = lr_scheduler.get_last_lr()
+        for i, lr in enumerate(lrs):
+            label = descriptions[i] if i < len(descriptions) else f"group{i}"
+            logs[f"lr/{label}"] = float(lr)
+            if opt_info.adaptive:
+                group = optimizer.optimizer.param_groups[i] if hasattr(optimizer, "optimizer") else optimizer.param_groups[i]
+                if "d" in group:
+                    logs[f"lr/d*lr/{label}"] = float(group["d"] * group["lr"])
+        if keys_scaled is not None:
+            logs.update({"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
+                         "norm/avg_key_norm": mean_norm})
+        accelerator.log(logs, step=global_step)
+
+    schedule_free = opt_info.schedule_free
+    done = global_step >= max_train_steps
+    epoch = first_epoch
+    for epoch in range(first_epoch, num_epochs):
+        if done:
+            break
+        _say(accelerator, f"epoch {epoch + 1}/{num_epochs}")
+        dataset.set_epoch(epoch + 1)
+        dataset.set_current_step(global_step)
+        sampler.set_epoch(epoch)
+        network.train()
+        if schedule_free:
+            optimizer.train()
+        epoch_loader = loader
+        if skip_batches:
+            epoch_loader = accelerator.skip_first_batches(loader, skip_batches)
+        step_in_epoch = skip_batches
+        skip_batches = 0
+        for batch in epoch_loader:
+            with accelerator.accumulate(network):
+                out = trainer.compute_loss(batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    sync_gradients(params, accelerator)
+                    if cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_value = float(accelerator.gather(out.loss.detach().reshape(1)).mean())
+            keys_scaled = mean_norm = max_norm = None
+            if accelerator.sync_gradients:
+                if cfg.scale_weight_norms:
+                    keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(cfg.scale_weight_norms)
+                    result.keys_scaled.append(keys_scaled)
+                global_step += 1
+                dataset.set_current_step(global_step)
+                progress.update(1)
+                if schedule_free:
+                    optimizer.eval()
+                if cfg.sample_every_n_steps and not cfg.sample_every_n_epochs and \
+                        global_step % cfg.sample_every_n_steps == 0:
+                    sample(None, global_step)
+                if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0:
+                    save(saving.step_file(name, global_step, ext), epoch + 1, global_step)
+                    old = saving.step_to_remove(global_step, cfg.save_every_n_steps, cfg.save_last_n_steps)
+                    if old is not None:
+                        remove(saving.step_file(name, old, ext))
+                    if cfg.save_state:
+                        save_state(f"{name}-step{global_step:08d}-state", epoch + 1, global_step)
+                        old = saving.step_to_remove(global_step, cfg.save_every_n_steps, cfg.save_last_n_steps_state)
+                        if old is not None:
+                            remove_state(f"{name}-step{old:08d}-state")
+                if schedule_free:
+                    optimizer.train()
+            recorder.add(epoch, step_in_epoch, loss_value)
+            step_in_epoch += 1
+            if accelerator.sync_gradients:
+                result.losses.append(loss_value)
+            postfix = {"avr_loss": f"{recorder.average:.4g}"}
+            if keys_scaled is not None:
+                postfix.update({"Keys Scaled": keys_scaled, "Average key norm": f"{mean_norm:.4g}"})
+            progress.set_postfix(postfix, refresh=False)
+            log_step(loss_value, keys_scaled, mean_norm, max_norm)
+            if global_step >= max_train_steps:
+                done = True
+                break
+        if accelerator.trackers:
+            accelerator.log({"loss/epoch_average": recorder.average}, step=epoch + 1)
+        accelerator.wait_for_everyone()
+        if schedule_free:
+            optimizer.eval()
+        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < num_epochs:
+            save(saving.epoch_file(name, epoch + 1, ext), epoch + 1, global_step)
+            old = saving.epoch_to_remove(epoch + 1, cfg.save_every_n_epochs, cfg.save_last_n_epochs)
+            if old is not None:
+                remove(saving.epoch_file(name, old, ext))
+            if cfg.save_state:
+                save_state(f"{name}-{epoch + 1:06d}-state", epoch + 1, global_step)
+                old = saving.epoch_to_remove(epoch + 1, cfg.save_every_n_epochs, cfg.save_last_n_epochs_state)
+                if old is not None:
+                    remove_state(f"{name}-{old:06d}-state")
+        if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
+            sample(epoch + 1, global_step)
+    progress.close()
+
+    if schedule_free:
+        optimizer.eval()
+    final = final_path = saving.final_file(name, ext)
+    save(final, epoch + 1, global_step)
+    final_path = out_dir / final
+    result.final_file = final_path if accelerator.is_main_process else None
+    if cfg.save_state or cfg.save_state_on_train_end:
+        save_state(f"{name}-state", epoch + 1, global_step)
+    result.global_step = global_step
+    result.epochs = epoch + 1
+    accelerator.end_training()
+    return result
+
+
+def _dataset_metadata(dataset) -> dict:
+    """The dataset part of the `ss_*` metadata (spec 3) from the dataset's own bookkeeping."""
+    plan = dataset.plan
+    meta: dict = {"num_train_images": plan.num_train_images, "num_reg_images": plan.num_reg_images,
+                  "num_validation_images": plan.num_validation_images,
+                  "ss_tag_frequency": dataset.tag_frequency(), "ss_dataset_dirs": dataset.dataset_dirs(False),
+                  "ss_reg_dataset_dirs": dataset.dataset_dirs(True)}
+    layouts = dataset.layouts
+    meta["ss_bucket_info"] = layouts[0].bucket_info() if len(layouts) == 1 and layouts[0].spec.enable_bucket else None
+    return meta

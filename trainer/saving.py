@@ -1,0 +1,264 @@
+"""Writing trained networks: file names, what to keep, `ss_*`/modelspec metadata (spec 1.9, 3, 4).
+
+Files go through `loratools.io.writer` (atomic, sshs hashes as sd-scripts), so a trained file is
+written exactly like a resized or converted one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratools.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+               "bf16": torch.bfloat16}
+
+BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1_v", ("sd2", False): "sd_v2",
+                      ("sd2", True): "sd_v2_v", ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
+
+
+def epoch_file(name: str, epoch: int, ext: str = "safetensors") -> str:
+    return f"{name}-{epoch:06d}.{ext}"
+
+
+def step_file(name: str, step: int, ext: str = "safetensors") -> str:
+    return f"{name}-step{step:08d}.{ext}"
+
+
+def final_file(name: str, ext: str = "safetensors") -> str:
+    return f"{name}.{ext}"
+
+
+def epoch_to_remove(epoch: int, every: int | None, keep: int | None) -> int | None:
+    """`--save_last_n_epochs`: after saving epoch e, the file of epoch e − every·N goes (keeps N)."""
+    if not keep or not every:
+        return None
+    old = epoch - every * keep
+    return old if old > 0 else None
+
+
+def step_to_remove(step: int, every: int | None, keep: int | None) -> int | None:
+    """`--save_last_n_steps`: r = s − N − 1 rounded down to a multiple of every; r > 0 goes."""
+    if not keep or not every:
+        return None
+    r = step - keep - 1
+    r -= r % every
+    return r if r > 0 else None
+
+
+def _hash_legacy(path: Path) -> str:
+    """A1111's old model hash: sha256 of 64 KiB at 1 MiB, first 8 hex; folders give "IsADirectory"."""
+    import hashlib
+
+    if path.is_dir():
+        return "IsADirectory"
+    with path.open("rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[0:8]
+
+
+def _hash_full(path: Path) -> str:
+    from loratools.io.hashes import file_sha256
+
+    return "IsADirectory" if path.is_dir() else file_sha256(path)
+
+
+def base_metadata(cfg: Any, *, arch: str, v_pred: bool, network_module: str, network_args: Mapping[str, str],
+                  dataset_meta: Mapping[str, Any], num_batches_per_epoch: int, num_epochs: int, max_train_steps: int,
+                  ss_optimizer: str, total_batch_size: int, seed: int, model_path: Path,
+                  vae_path: Path | None, session_start: float, trainer_version: str) -> dict[str, str]:
+    """The `ss_*` keys every save shares (spec 3), values as `str(python value)` like sd-scripts."""
+    text_encoder_lr = cfg.text_encoder_lr
+    if isinstance(text_encoder_lr, (list, tuple)) and len(text_encoder_lr) == 1:
+        text_encoder_lr = text_encoder_lr[0]
+    md: dict[str, Any] = {
+        "ss_session_id": random.randint(0, 2**32),
+        "ss_training_started_at": session_start,
+        "ss_output_name": cfg.resolved_output_name,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_text_encoder_lr": text_encoder_lr,
+        "ss_unet_lr": cfg.unet_lr,
+        "ss_num_train_images": dataset_meta.get("num_train_images"),
+        "ss_num_validation_images": dataset_meta.get("num_validation_images", 0),
+        "ss_num_reg_images": dataset_meta.get("num_reg_images", 0),
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_num_epochs": num_epochs,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_max_train_steps": max_train_steps,
+        "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_network_module": network_module,
+        "ss_network_dim": cfg.network_dim,
+        "ss_network_alpha": cfg.network_alpha,
+        "ss_network_dropout": cfg.network_dropout,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_full_fp16": bool(cfg.full_fp16),
+        "ss_v2": arch == "sd2",
+        "ss_base_model_version": BASE_MODEL_VERSION[(arch, v_pred)],
+        "ss_clip_skip": cfg.clip_skip,
+        "ss_max_token_length": cfg.max_token_length,
+        "ss_cache_latents": bool(cfg.cache_latents or cfg.cache_latents_to_disk),
+        "ss_seed": seed,
+        "ss_lowram": cfg.lowram,
+        "ss_noise_offset": cfg.noise_offset,
+        "ss_multires_noise_iterations": cfg.multires_noise_iterations,
+        "ss_multires_noise_discount": cfg.multires_noise_discount,
+        "ss_adaptive_noise_scale": cfg.adaptive_noise_scale,
+        "ss_zero_terminal_snr": cfg.zero_terminal_snr,
+        "ss_training_comment": cfg.training_comment,
+        "ss_sd_scripts_commit_hash": trainer_version,
+        "ss_trainer": trainer_version,
+        "ss_optimizer": ss_optimizer,
+        "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_face_crop_aug_range": cfg.face_crop_aug_range,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_min_snr_gamma": cfg.min_snr_gamma,
+        "ss_scale_weight_norms": cfg.scale_weight_norms,
+        "ss_ip_noise_gamma": cfg.ip_noise_gamma,
+        "ss_debiased_estimation": bool(cfg.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": cfg.noise_offset_random_strength,
+        "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength,
+        "ss_loss_type": cfg.loss_type,
+        "ss_huber_schedule": cfg.huber_schedule,
+        "ss_huber_scale": cfg.huber_scale,
+        "ss_huber_c": cfg.huber_c,
+        "ss_fp8_base": bool(cfg.fp8_base),
+        "ss_fp8_base_unet": bool(cfg.fp8_base_unet),
+        "ss_validation_seed": cfg.validation_seed,
+        "ss_validation_split": cfg.validation_split,
+        "ss_max_validation_steps": cfg.max_validation_steps,
+        "ss_validate_every_n_epochs": cfg.validate_every_n_epochs,
+        "ss_validate_every_n_steps": cfg.validate_every_n_steps,
+        "ss_resize_interpolation": cfg.resize_interpolation,
+    }
+    if not cfg.dataset_config:
+        md.update({
+            "ss_batch_size_per_device": cfg.train_batch_size,
+            "ss_total_batch_size": total_batch_size,
+            "ss_resolution": tuple(cfg.resolution) if cfg.resolution else None,
+            "ss_color_aug": bool(cfg.color_aug),
+            "ss_flip_aug": bool(cfg.flip_aug),
+            "ss_random_crop": bool(cfg.random_crop),
+            "ss_shuffle_caption": bool(cfg.shuffle_caption),
+            "ss_enable_bucket": bool(cfg.enable_bucket),
+            "ss_bucket_no_upscale": bool(cfg.bucket_no_upscale),
+            "ss_min_bucket_reso": cfg.min_bucket_reso,
+            "ss_max_bucket_reso": cfg.max_bucket_reso,
+            "ss_keep_tokens": cfg.keep_tokens,
+        })
+    for key in ("ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency", "ss_bucket_info", "ss_datasets"):
+        if key in dataset_meta:
+            value = dataset_meta[key]
+            md[key] = value if isinstance(value, str) else json.dumps(value)
+    if network_args:
+        md["ss_network_args"] = json.dumps(dict(network_args))
+    md["ss_sd_model_name"] = model_path.name if model_path.exists() else str(model_path)
+    md["ss_sd_model_hash"] = _hash_legacy(model_path)
+    md["ss_new_sd_model_hash"] = _hash_full(model_path)
+    if vae_path is not None:
+        md["ss_vae_name"] = vae_path.name
+        md["ss_vae_hash"] = _hash_legacy(vae_path)
+        md["ss_new_vae_hash"] = _hash_full(vae_path)
+    if cfg.no_metadata:
+        keep = {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args"}
+        md = {k: v for k, v in md.items() if k in keep}
+    return {k: str(v) for k, v in md.items()}
+
+
+def modelspec(cfg: Any, *, arch: str, v_pred: bool, trainer_version: str, timestamp: float) -> dict[str, str]:
+    """SAI ModelSpec 1.0.1 keys (`modelspec.*`) as sd-scripts writes them for a LoRA."""
+    if arch == "sdxl":
+        architecture, impl = "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"
+    elif arch == "sd2":
+        architecture = "stable-diffusion-v2-768-v/lora" if v_pred else "stable-diffusion-v2-512/lora"
+        impl = "diffusers"
+    else:
+        architecture, impl = "stable-diffusion-v1/lora", "diffusers"
+    if cfg.resolution:
+        w, h = cfg.resolution
+    else:
+        w = h = {"sdxl": 1024, "sd2": 768 if v_pred else 512}.get(arch, 512)
+    date = datetime.datetime.fromtimestamp(timestamp).isoformat(timespec="seconds")
+    title = cfg.metadata_title or cfg.resolved_output_name or f"LoRA@{date}"
+    spec: dict[str, Any] = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": impl,
+        "modelspec.title": title,
+        "modelspec.author": cfg.metadata_author,
+        "modelspec.description": cfg.metadata_description,
+        "modelspec.date": date,
+        "modelspec.license": cfg.metadata_license,
+        "modelspec.tags": cfg.metadata_tags,
+        "modelspec.usage_hint": cfg.metadata_usage_hint,
+        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.encoder_layer": cfg.clip_skip,
+        "modelspec.implementation_version": trainer_version,
+    }
+    if cfg.min_timestep is not None or cfg.max_timestep is not None:
+        spec["modelspec.timestep_range"] = f"{cfg.min_timestep or 0},{cfg.max_timestep or 1000}"
+    if cfg.metadata_thumbnail:
+        spec["modelspec.thumbnail"] = _thumbnail(Path(cfg.metadata_thumbnail))
+    return {k: str(v) for k, v in spec.items() if v is not None}
+
+
+def _thumbnail(path: Path) -> str:
+    import base64
+    import mimetypes
+
+    if not path.is_file():
+        raise UsageError(f"--metadata_thumbnail {path} does not exist; pass an image file")
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def count_fp16_flushes(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> int:
+    """Modules whose every factor becomes all-zero in `dtype` although it was not zero in fp32."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 0
+    modules: dict[str, bool] = {}
+    for key, t in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix == "alpha" or not t.is_floating_point():
+            continue
+        flushed = bool(t.any()) and not bool(t.to(dtype).any())
+        modules[name] = modules.get(name, False) or flushed
+    return sum(modules.values())
+
+
+def save_network_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str],
+                      save_dtype: torch.dtype | None, *, save_model_as: str = "safetensors") -> Path:
+    """Write one network file (overwriting an earlier save of the same run), cast to `save_dtype`."""
+    from loratools.io.writer import save_tensors
+
+    flushed = count_fp16_flushes(tensors, save_dtype)
+    if flushed:
+        log.warning("%d modules of %s become all-zero in %s (fp16 underflow); save with --save_precision float "
+                    "or bf16 to keep them", flushed, path.name, str(save_dtype).replace("torch.", ""))
+    out = {k: (v.to(save_dtype) if save_dtype is not None and v.is_floating_point() else v).contiguous()
+           for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if save_model_as == "safetensors":
+        save_tensors(path, out, metadata, overwrite=True, sshs_hashes=True)
+    else:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+    return path
