@@ -74,6 +74,19 @@ def test_unknown_checkpoints_are_named_and_refused(shapes, seen):
         detect_checkpoint_arch(shapes)
 
 
+@pytest.mark.parametrize("components,seen", [
+    ({"text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj.weight": (768, 768)},
+      "text_encoder_2": {"encoder.block.0.layer.0.SelfAttention.q.weight": (4096, 4096)}}, "without unet/"),
+    ({"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": (320, 2048)},
+      "text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj.weight": (768, 768)},
+      "text_encoder_2": {"encoder.block.0.layer.0.SelfAttention.q.weight": (4096, 4096)}}, "not a CLIP"),
+])
+def test_foreign_diffusers_folders_are_refused(components, seen):
+    # Flux/SD3 folders: transformer/ instead of unet/, a T5 as text_encoder_2.
+    with pytest.raises(ArchitectureMismatchError, match=seen):
+        detect_checkpoint_arch(components)
+
+
 def test_contradicting_width_is_refused():
     shapes = {"cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (768, 768),
               "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 2048)}

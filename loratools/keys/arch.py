@@ -117,17 +117,18 @@ def _diffusers(components: Mapping[str, Mapping[str, _SHAPE]]) -> ArchInfo:
     if "text_encoder_2" in components and "text_encoder" not in components:
         raise ArchitectureMismatchError(
             "SDXL refiner folder (text_encoder_2 only); only SD1.x, SD2.x and SDXL base are supported")
+    if not unet:
+        # SD3 and Flux folders have transformer/ (and CLIP/T5 encoders) instead of unet/.
+        raise ArchitectureMismatchError(
+            f"diffusers folder without unet/ (has {', '.join(components) or 'nothing'}): not an SD1.x/SD2.x/SDXL "
+            "model (SD3 and Flux folders have transformer/ instead)")
+    if "text_encoder_2" in components and _te_width(components["text_encoder_2"]) is None:
+        raise ArchitectureMismatchError("text_encoder_2 is not a CLIP text encoder (no self_attn.q_proj): "
+                                        "not an SDXL model")
     if "text_encoder_2" in components or any(k.startswith("add_embedding.") for k in unet):
         arch, evidence = "sdxl", "two text encoders" if "text_encoder_2" in components else "`add_embedding`"
-    elif unet:
-        arch, evidence = _from_unet(unet, "add_embedding.linear_1.weight", "down_blocks.", "proj_in.weight")
-    elif "text_encoder" in components:
-        width = _te_width(components["text_encoder"])
-        if width not in (768, 1024):
-            raise ArchitectureMismatchError(f"cannot tell SD1 from SD2 from a text encoder {width} wide without a UNet")
-        arch, evidence = ("sd1" if width == 768 else "sd2"), f"text encoder width {width}"
     else:
-        raise ArchitectureMismatchError(f"no UNet or text encoder in the folder (saw {', '.join(components)})")
+        arch, evidence = _from_unet(unet, "add_embedding.linear_1.weight", "down_blocks.", "proj_in.weight")
     _confirm_width(arch, _cross_width(unet), evidence)
     return ArchInfo(arch, variant, None, evidence)
 
