@@ -110,7 +110,12 @@ def kron_factors(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor,
     as ``(W, I)`` or, cheaper, as its own thin SVD factors. Rank ``r1 * r2``.
     """
     dt = _compute_dtype(up1, down1, up2, down2)
-    return torch.kron(up1.to(dt), up2.to(dt)), torch.kron(down1.to(dt), down2.to(dt))
+    return _kron(up1.to(dt), up2.to(dt)), _kron(down1.to(dt), down2.to(dt))
+
+
+def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """2-D Kronecker product by broadcasting (``torch.kron`` fails on some size-1 strides)."""
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
 
 
 def thin_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
