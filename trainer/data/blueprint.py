@@ -249,6 +249,8 @@ def _dataset_from(cfg: TrainConfig, ds: dict, general: dict, subsets: list[Subse
         raise UsageError(f"{where}validation_split = {spec.validation_split} must be in [0, 1)")
     if spec.enable_bucket and not spec.bucket_no_upscale:
         lo, hi = round_bucket_bounds(spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
+        if lo <= 0:
+            raise UsageError(f"{where}min_bucket_reso rounds to {lo}; it must be at least bucket_reso_steps")
         if lo > min(resolution) or hi < max(resolution):
             raise UsageError(f"{where}bucket range {lo}..{hi} must contain the resolution {resolution}")
         spec = dataclasses.replace(spec, min_bucket_reso=lo, max_bucket_reso=hi)
