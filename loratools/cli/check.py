@@ -1,7 +1,126 @@
-"""`loratools check` commands (being built; see issue tracker)."""
+"""`loratools check`: `weights` (dead / NaN / underflow modules) here; `keys` comes from check_keys.
+
+Only wiring and rendering; the work is in ``loratools.ops.check_weights`` (imported inside the
+command so ``loratools --help`` stays instant).
+"""
 
 from __future__ import annotations
 
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
 
-app = typer.Typer(help="check commands.", no_args_is_help=True)
+from loratools.cli.options import JsonOpt
+
+app = typer.Typer(
+    help="Check adapter files for problems.\n\nExample: loratools check weights my_lora.safetensors",
+    no_args_is_help=True,
+)
+
+
+@app.command()
+def weights(
+    files: Annotated[list[Path], typer.Argument(help="Adapter files (.safetensors, .pt, .ckpt).",
+                                                show_default=False)],
+    all_modules: Annotated[bool, typer.Option("--all", help="List every module, not only problems.")] = False,
+    json_out: JsonOpt = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="One CSV row per tensor, sd-scripts' "
+                                          "check_lora_weights columns: key, shape, mean|w|, min|w|.")] = False,
+    fail_on: Annotated[Optional[list[str]], typer.Option(
+        "--fail-on", help="Statuses that give exit code 1: dead, nan, underflow (comma list; 'none' never "
+        "fails). Expected dead modules (clip skip) never fail.")] = None,
+) -> None:
+    """Find dead (all-zero), NaN/Inf and fp16-underflowed modules and say which are expected.
+
+    Exit code 0: nothing unexpected; 1: problems found; 2: unreadable input.
+
+    Example: loratools check weights lora.safetensors --fail-on nan,dead
+    """
+    from loratools.errors import UsageError
+    from loratools.ops.check_weights import CheckOptions, check_file, parse_fail_on
+
+    if json_out and csv_out:
+        raise UsageError("choose one of --json and --csv")
+    options = CheckOptions(fail_on=parse_fail_on(fail_on)) if fail_on else CheckOptions()
+    reports = [check_file(f, options) for f in files]
+    if json_out:
+        from loratools.cli.output import print_json
+
+        docs = [_clean(r.to_json()) for r in reports]
+        print_json(docs[0] if len(docs) == 1 else docs)
+    elif csv_out:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["key", "shape", "mean|w|", "min|w|"])
+        for r in reports:
+            for m in r.modules:
+                for t in m.tensors:
+                    w.writerow([t.key, "(" + "-".join(str(d) for d in t.shape) + ")", f"{t.mean_abs:.8g}",
+                                f"{t.min_abs:.8g}"])
+    else:
+        for r in reports:
+            _render(r, all_modules)
+    if any(r.failed for r in reports):
+        raise typer.Exit(1)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN: non-finite floats become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _pct(x: float) -> str:
+    return "0" if x == 0 else f"{100 * x:.1f}%"
+
+
+def _render(r: Any, all_modules: bool) -> None:
+    from rich.table import Table
+
+    from loratools.cli.output import console
+
+    t = Table(title_justify="left", show_lines=False, pad_edge=False)
+    t.add_column("module", overflow="fold", ratio=3)
+    for col in ("type r/α", "mean|w| / min|w| per factor"):
+        t.add_column(col, overflow="fold", ratio=2)
+    for col in ("zeros", "<fp16 normal", "‖ΔW‖"):
+        t.add_column(col, justify="right", ratio=1)
+    t.add_column("status", overflow="fold", ratio=1)
+    shown = 0
+    for m in r.modules:
+        if not all_modules and m.status == "ok":
+            continue
+        shown += 1
+        status = m.status + (" (expected)" if m.expected else "")
+        color = "green" if m.status == "ok" else "yellow" if m.expected or m.status == "underflow" else "red"
+        rank = f"{m.kind} {m.rank if m.rank is not None else '-'}/{_g(m.alpha)}"
+        factors = "; ".join(f"{x.suffix.removesuffix('.weight')} {_g(x.mean_abs)}/{_g(x.min_abs)}" for x in m.tensors)
+        t.add_row(m.name, rank, factors, _pct(max(x.zero_fraction for x in m.tensors)),
+                  _pct(max(x.below_fp16_normal for x in m.tensors)), _g(m.delta_norm), f"[{color}]{status}[/{color}]")
+    console.rule(f"[bold]{r.path}")
+    if shown:
+        console.print(t)
+    counts = ", ".join(f"{n} {s}" for s, n in r.counts.items())
+    dtypes = ", ".join(sorted({m.dtype for m in r.modules}))
+    console.print(f"{len(r.modules)} modules ({counts}); {dtypes}; architecture {(r.arch or 'unknown').upper()}"
+                  + (f", clip skip {r.clip_skip}" if r.clip_skip else ""))
+    for line in r.explanations:
+        console.print("- " + line, highlight=False)
+    console.print("[red]FAILED[/red]" if r.failed else "[green]OK[/green]")
+
+
+from loratools.cli import check_keys  # noqa: E402  (adds `check keys` to this group)
+
+check_keys.register(app)

@@ -1,7 +1,204 @@
-"""`loratools metadata` commands (being built; see issue tracker)."""
+"""`loratools metadata`: show, dump, set, delete, strip.
+
+Only wiring and rendering; the work is in ``loratools.ops.metadata`` (imported inside each command so
+``loratools --help`` never loads it).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
 
-app = typer.Typer(help="metadata commands.", no_args_is_help=True)
+from loratools.cli.options import JsonOpt, OutputOpt, OverwriteOpt
+
+app = typer.Typer(
+    help="Read and edit safetensors metadata (sd-scripts ss_*, modelspec, sshs hashes).\n\n"
+    "Example: loratools metadata show my_lora.safetensors",
+    no_args_is_help=True,
+)
+
+FilesArg = Annotated[list[Path], typer.Argument(help="One or more .safetensors files.", show_default=False)]
+FileArg = Annotated[Path, typer.Argument(help="A .safetensors file.", show_default=False)]
+InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Replace the input file (atomically).")]
+
+
+@app.command()
+def show(
+    files: FilesArg,
+    json_out: JsonOpt = False,
+    top_tags: Annotated[int, typer.Option("--top-tags", min=0, help="Trigger-word candidates to list.")] = 12,
+) -> None:
+    """Summarise adapters: architecture, types, ranks, training record, trigger words.
+
+    Reads only the header (and alpha scalars), so it is instant on multi-GB files.
+
+    Example: loratools metadata show lora.safetensors --json
+    """
+    from loratools.ops.metadata import summarize
+
+    summaries = [summarize(f, top_tags=top_tags) for f in files]
+    if json_out:
+        from loratools.cli.output import print_json
+
+        docs = [s.to_json() for s in summaries]
+        print_json(docs[0] if len(docs) == 1 else docs)
+        return
+    for s in summaries:
+        _render_summary(s)
+
+
+def _render_summary(s: Any) -> None:
+    from rich.table import Table
+
+    from loratools.cli.output import console, human_bytes
+
+    def kv(title: str, rows: list[tuple[str, Any]]) -> None:
+        rows = [(k, v) for k, v in rows if v not in (None, "", {}, [])]
+        if not rows:
+            return
+        t = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+        t.add_column(style="bold", no_wrap=True)
+        t.add_column(overflow="fold")
+        for k, v in rows:
+            t.add_row(k, _text(v))
+        console.print(t)
+        console.print()
+
+    def hist(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} x{v}" if len(d) > 1 else str(k) for k, v in d.items())
+
+    arch = s.arch_label or "unknown"
+    if s.arch_source:
+        arch += f" (from {s.arch_source})"
+    console.rule(f"[bold]{s.path}")
+    kv("File", [
+        ("size", f"{human_bytes(s.file_size)} ({s.file_size} bytes), header {human_bytes(s.header_size)}"),
+        ("tensors", f"{s.tensor_count} ({hist(s.dtypes)})"),
+        ("architecture", arch), ("note", s.arch_note),
+        ("adapter", hist(s.adapter_types)), ("naming", s.naming),
+        ("modules", ", ".join(f"{k} {v}" for k, v in s.module_counts.items())),
+        ("rank", hist(s.ranks)), ("alpha", hist(s.alphas)), ("scale alpha/rank", hist(s.scales)),
+        ("unknown keys", s.unknown_keys or None),
+        *[(k, v) for k, v in s.hashes.items()],
+    ])
+    kv("Base model", list(s.base_model.items()))
+    kv("Training", list(s.training.items()))
+    if s.trigger_words or s.declared_triggers:
+        kv("Trigger words", [("declared", ", ".join(s.declared_triggers)),
+                             ("top tags", ", ".join(f"{t} ({n})" for t, n in s.trigger_words))])
+    if s.datasets:
+        kv("Dataset folders", [(d.folder + (" (reg)" if d.regularization else ""),
+                                f"{d.images if d.images is not None else '?'} images"
+                                + (f" x {d.repeats} repeats" if d.repeats is not None else ""))
+                               for d in s.datasets])
+    kv("Comment", [("", s.comment)])
+    kv("Model spec", list(s.modelspec.items()))
+    if not s.raw:
+        console.print("[dim]no metadata[/dim]\n")
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, ensure_ascii=False)
+    return str(v)
+
+
+@app.command()
+def dump(file: FileArg) -> None:
+    """Print the raw metadata as sorted, indented JSON.
+
+    Example: loratools metadata dump lora.safetensors > meta.json
+    """
+    from loratools.cli.output import print_json
+    from loratools.io.header import read_header
+
+    print_json(dict(sorted(read_header(file).metadata.items())))
+
+
+def _report(result: Any, json_out: bool) -> None:
+    from loratools.cli.output import console, print_json, table
+
+    rows = [(c.key, c.action, c.reason, c.old, c.new) for c in result.changes]
+    if json_out:
+        print_json({"source": str(result.source), "output": str(result.output),
+                    "changes": [c.__dict__ for c in result.changes],
+                    "hashes_recomputed": result.hashes_recomputed,
+                    "sshs_model_hash": result.written.sshs_model_hash,
+                    "sshs_legacy_hash": result.written.sshs_legacy_hash})
+        return
+    if rows:
+        console.print(table(None, ["key", "change", "why", "old", "new"],
+                            [(k, a, w, _short(o), _short(n)) for k, a, w, o, n in rows]))
+    else:
+        console.print("no metadata changed")
+    note = ", sshs hashes recomputed" if result.hashes_recomputed else ""
+    console.print(f"wrote {result.output}{note}")
+
+
+def _short(v: str | None, n: int = 60) -> str | None:
+    return v if v is None or len(v) <= n else v[: n - 3] + "..."
+
+
+@app.command("set")
+def set_(
+    file: FileArg,
+    assignments: Annotated[list[str], typer.Argument(help="KEY=VALUE pairs (KEY=@FILE reads a file).",
+                                                     show_default=False)],
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add or change metadata keys.
+
+    Example: loratools metadata set lora.safetensors ss_output_name=hero modelspec.author=me --in-place
+    """
+    from loratools.ops.metadata import edit_metadata, parse_assignments
+
+    _report(edit_metadata(file, output=output, in_place=in_place, overwrite=overwrite,
+                          set_values=parse_assignments(assignments)), json_out)
+
+
+@app.command()
+def delete(
+    file: FileArg,
+    keys: Annotated[list[str], typer.Argument(help="Keys to remove.", show_default=False)],
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove metadata keys.
+
+    Example: loratools metadata delete lora.safetensors ss_training_comment -o clean.safetensors
+    """
+    from loratools.ops.metadata import edit_metadata
+
+    _report(edit_metadata(file, output=output, in_place=in_place, overwrite=overwrite, delete=keys), json_out)
+
+
+@app.command()
+def strip(
+    file: FileArg,
+    training_data: Annotated[bool, typer.Option(
+        "--training-data", help="Remove keys that reveal the training set (tags, folders, buckets, "
+        "comment) and shorten local paths to file names.")] = False,
+    output: OutputOpt = None,
+    in_place: InPlaceOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove groups of metadata before sharing a file; lists each key and why.
+
+    Example: loratools metadata strip lora.safetensors --training-data -o share.safetensors
+    """
+    from loratools.errors import UsageError
+    from loratools.ops.metadata import edit_metadata
+
+    if not training_data:
+        raise UsageError("say what to strip: --training-data")
+    _report(edit_metadata(file, output=output, in_place=in_place, overwrite=overwrite,
+                          strip_training_data=True), json_out)
