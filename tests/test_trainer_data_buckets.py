@@ -23,29 +23,26 @@ def test_sdxl_bucket_list_1024_has_49_buckets_within_area():
     assert (1024, 1024) in resos and resos == sorted(resos)
 
 
-@pytest.mark.parametrize("size, bucket, resized", [
-    ((1000, 1500), (384, 640), (427, 640)),
-    ((1920, 1080), (640, 384), (683, 384)),
-    ((300, 900), (256, 832), (277, 832)),
+@pytest.mark.parametrize("no_upscale, size, bucket, resized", [
+    # upscale allowed: (512, 512), 256..1024, step 64
+    (False, (1000, 1500), (384, 640), (427, 640)),
+    (False, (1920, 1080), (640, 384), (683, 384)),
+    (False, (300, 900), (256, 832), (277, 832)),
+    # bucket_no_upscale: (1024, 1024), step 32; buckets made on demand, may exceed max_bucket_reso
+    (True, (1000, 1500), (832, 1248), (832, 1248)),
+    (True, (1920, 1080), (1344, 768), (1365, 768)),
+    (True, (300, 900), (288, 896), (300, 900)),
 ])
-def test_select_bucket_upscale_mode(size, bucket, resized):
-    manager = BucketManager.for_dataset((512, 512), True, 256, 1024, 64, False)
+def test_select_bucket_vectors(no_upscale, size, bucket, resized):
+    if no_upscale:
+        manager = BucketManager.for_dataset((1024, 1024), True, 256, 1024, 32, True)
+    else:
+        manager = BucketManager.for_dataset((512, 512), True, 256, 1024, 64, False)
     got_bucket, got_resized, error = manager.select_bucket(*size)
     assert (got_bucket, got_resized) == (bucket, resized)
     assert error == pytest.approx(bucket[0] / bucket[1] - size[0] / size[1])
     assert got_resized[0] >= bucket[0] and got_resized[1] >= bucket[1]  # covers the bucket, never pads
-
-
-@pytest.mark.parametrize("size, bucket, resized", [
-    ((1000, 1500), (832, 1248), (832, 1248)),
-    ((1920, 1080), (1344, 768), (1365, 768)),
-    ((300, 900), (288, 896), (300, 900)),
-])
-def test_select_bucket_no_upscale(size, bucket, resized):
-    manager = BucketManager.for_dataset((1024, 1024), True, 256, 1024, 32, True)
-    got_bucket, got_resized, _ = manager.select_bucket(*size)
-    assert (got_bucket, got_resized) == (bucket, resized)
-    assert got_bucket in manager.resos  # created on demand
+    assert got_bucket in manager.resos
 
 
 def test_exact_bucket_size_is_kept_and_no_bucket_mode_covers_then_crops():
