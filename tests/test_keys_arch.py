@@ -102,6 +102,8 @@ def test_sd2_v_prediction_only_from_metadata():
     assert detect_adapter_arch(SD2_TE).prediction is None
     info = detect_adapter_arch(SD2_TE, {"ss_v2": "True", "ss_v_parameterization": "True"})
     assert (info.arch, info.prediction, info.label) == ("sd2", "v_prediction", "SD2 (v-prediction)")
+    spec = detect_adapter_arch(SD2_TE, {"modelspec.architecture": "stable-diffusion-v2-768-v/lora"})
+    assert (spec.arch, spec.prediction) == ("sd2", "v_prediction")
 
 
 def test_adapter_evidence_order():

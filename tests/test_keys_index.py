@@ -123,6 +123,19 @@ def test_transformers_4_and_5_folders_both_resolve():
         assert BaseIndex.from_key_shapes(v5).resolve(peft) == t5
 
 
+def test_old_sd1_files_without_text_model_level():
+    from loratools.keys.state_dict import plan_diffusers
+
+    shapes = {"model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
+              "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (32, 32, 3, 3),
+              "model.diffusion_model.output_blocks.0.0.in_layers.2.weight": (32, 64, 3, 3),
+              "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight": (37, 32)}
+    t = BaseIndex.from_key_shapes(shapes).resolve("lora_te_text_model_encoder_layers_0_mlp_fc1")
+    assert t.key == "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight"
+    plans, _ = plan_diffusers(shapes)
+    assert list(plans["text_encoder"]) == ["text_model.encoder.layers.0.mlp.fc1.weight"]
+
+
 def test_alias_conflict_names_both_targets():
     # An old SD1 file carrying the same TE layer with and without `text_model.` is ambiguous.
     shapes = {

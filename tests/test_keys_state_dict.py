@@ -42,34 +42,11 @@ def test_full_scale_plans_reproduce_the_other_layout(arch, single, folder):
 
 
 def _tiny_models(arch):
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from loratools.tiny import build_pipeline
 
-    torch.manual_seed(0)
-    te_cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=8, projection_dim=12, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    unet_cfg = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                    cross_attention_dim=16, attention_head_dim=4)
-    if arch == "sdxl":
-        unet_cfg.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                        transformer_layers_per_block=(1, 2), use_linear_projection=True,
-                        addition_embed_type="text_time", addition_time_embed_dim=4,
-                        projection_class_embeddings_input_dim=12 + 6 * 4)
-    else:
-        unet_cfg.update(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=arch == "sd2")
-    models = {
-        "unet": UNet2DConditionModel(**unet_cfg),
-        "vae": AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
-                             latent_channels=4, sample_size=32),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**te_cfg)),
-    }
-    if arch == "sdxl":
-        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
-    return models
+    pipe = build_pipeline(arch)
+    return {c: getattr(pipe, c) for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+            if getattr(pipe, c, None) is not None}
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])

@@ -318,7 +318,9 @@ def _metadata_arch(meta: Mapping[str, str]) -> str | None:
 
 def _prediction(meta: Mapping[str, str]) -> str | None:
     spec = (meta.get("modelspec.prediction_type") or "").lower()
-    if meta.get("ss_v_parameterization") == "True" or spec in ("v", "v_prediction", "v-prediction"):
+    arch = (meta.get("modelspec.architecture") or "").lower().split("/")[0]
+    if (meta.get("ss_v_parameterization") == "True" or spec in ("v", "v_prediction", "v-prediction")
+            or arch.endswith("-v")):  # modelspec "stable-diffusion-v2-768-v"
         return "v_prediction"
     if spec == "epsilon":
         return "epsilon"
