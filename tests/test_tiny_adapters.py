@@ -18,7 +18,7 @@ def _manual_merge(arch, adapter):
     return pipe
 
 
-@pytest.mark.parametrize(("arch", "kind"), [("sd1", "lora"), ("sd1", "locon"), ("sdxl", "lora"), ("sdxl", "locon")])
+@pytest.mark.parametrize(("arch", "kind"), [("sd1", "locon"), ("sdxl", "locon")])  # locon covers lora's modules
 def test_diffusers_loads_the_file_and_matches_the_ground_truth_deltas(arch, kind, tmp_path):
     pipe = build_pipeline(arch)
     base = render(pipe)

@@ -111,9 +111,7 @@ def make_tokenizer(pad_token: str = EOS, directory: str | Path | None = None) ->
 
     def load(folder: Path) -> CLIPTokenizer:
         write_tokenizer_files(folder)
-        return CLIPTokenizer.from_pretrained(
-            str(folder), model_max_length=MAX_LENGTH, pad_token=pad_token, local_files_only=True
-        )
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_LENGTH, pad_token=pad_token)
 
     if directory is not None:
         return load(Path(directory))
