@@ -185,3 +185,24 @@ def test_epoch_order_is_reproducible_and_changes_between_epochs(tmp_path: Path):
     assert order(a, 1) == order(b, 1)
     assert order(a, 2) != order(a, 1)
     assert order(a, 1) == order(b, 1)  # going back to an epoch gives the same order (resume)
+
+
+def test_persistent_workers_follow_set_epoch(tmp_path: Path):
+    folder = tmp_path / "train" / "2_x"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    cfg = resolve_config(["--train_data_dir", str(tmp_path / "train"), "--resolution", "64", "--seed", "2",
+                          "--train_batch_size", "3"])
+    ds = build_dataset(cfg)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=1, persistent_workers=True,
+                                         collate_fn=lambda items: items[0])
+    orders = []
+    for epoch in (1, 2):
+        ds.set_epoch(epoch)
+        orders.append([batch["image_keys"] for batch in loader])
+    reference = build_dataset(cfg)
+    for epoch, order in zip((1, 2), orders):
+        reference.set_epoch(epoch)
+        assert order == [reference[i]["image_keys"] for i in range(len(reference))]
+    assert orders[0] != orders[1]

@@ -9,6 +9,7 @@ per-item randomness comes from (seed, epoch, index), so it does not depend on wo
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class TrainDataset(torch.utils.data.Dataset):
     """Batches of one or more datasets; use with ``DataLoader(batch_size=1, collate_fn=lambda b: b[0])``.
 
     Call ``set_epoch`` (1-based, as sd-scripts counts) in the main process before iterating an
-    epoch and ``set_current_step`` for token warmup.
+    epoch and ``set_current_step`` for token warmup. Both are kept in shared memory, so persistent
+    DataLoader workers (``--persistent_data_loader_workers``) see them too, as in sd-scripts.
     """
 
     def __init__(self, cfg: TrainConfig, layouts: list[DatasetLayout], *, seed: int, plan: StepPlan) -> None:
@@ -79,6 +81,8 @@ class TrainDataset(torch.utils.data.Dataset):
         self.plan = plan
         self.epoch = 0
         self.step = 0
+        self._shared_epoch = multiprocessing.RawValue("i", 0)
+        self._shared_step = multiprocessing.RawValue("i", 0)
         self._canonical = [(list(l.batches), [list(b) for b in l.manager.buckets]) for l in layouts]
         self._memory_cache: dict[str, CachedLatents] = {}
         self._disk_cache: dict[str, Path] = {}
@@ -126,6 +130,10 @@ class TrainDataset(torch.utils.data.Dataset):
     # --- epoch / step ------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Order the batches of ``epoch``: the canonical order shuffled with ``seed + epoch``."""
+        self._shared_epoch.value = epoch
+        self._apply_epoch(epoch)
+
+    def _apply_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         for layout, (batches, buckets) in zip(self.layouts, self._canonical):
             layout.batches = list(batches)
@@ -134,6 +142,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def set_current_step(self, step: int) -> None:
         """The optimizer step (token warmup reads it)."""
+        self._shared_step.value = step
         self.step = step
 
     # --- items -------------------------------------------------------------------------
@@ -146,6 +155,9 @@ class TrainDataset(torch.utils.data.Dataset):
         raise IndexError(index)
 
     def __getitem__(self, index: int) -> dict:
+        if self._shared_epoch.value != self.epoch:  # a DataLoader worker catching up with set_epoch
+            self._apply_epoch(self._shared_epoch.value)
+        self.step = self._shared_step.value
         layout, local = self._locate(index)
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         keys = layout.batch_keys(local)
