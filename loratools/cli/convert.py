@@ -1,9 +1,66 @@
-"""`loratools convert` (being built; see issue tracker)."""
+"""`loratools convert`: kohya <-> diffusers/PEFT naming (work in ``loratools.ops.convert``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from loratools.cli.options import JsonOpt, OverwriteOpt
+
+def convert(
+    lora: Annotated[Path, typer.Argument(help="The adapter file (.safetensors, or a .pt/.ckpt pickle).",
+                                         show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="Target naming: kohya (ComfyUI, A1111, diffusers) or peft "
+                                    "(diffusers/PEFT; LoRA only, alpha folded into the factors).",
+                                    show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file.", show_default=False)],
+    arch: Annotated[Optional[str], typer.Option("--arch", help="sd1, sd2 or sdxl; overrides detection.")] = None,
+    base: Annotated[Optional[Path], typer.Option(
+        "--base", help="Base model (file or diffusers folder) whose UNet layout names the blocks; only needed "
+        "for UNets that are not the released SD1/SD2/SDXL layout.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16, bf16 or fp32 for every float tensor "
+                                                 "(default: keep each tensor's dtype).")] = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rename an adapter between kohya and diffusers/PEFT naming; the weights do not change.
+
+    kohya output uses the names every UI loads (SD1/SD2: lora_unet_down_blocks_... and lora_te_;
+    SDXL: lora_unet_input_blocks_... and lora_te1_/lora_te2_). Metadata is carried over.
+
+    Example: loratools convert pytorch_lora_weights.safetensors --to kohya -o my_lora.safetensors
+
+    Example: loratools convert my_lora.safetensors --to peft -o pytorch_lora_weights.safetensors
+    """
+    from loratools.ops.convert import ConvertOptions
+    from loratools.ops.convert import convert as run
+
+    result = run(ConvertOptions(input=lora, output=output, to=to, arch=arch, base=base, dtype=dtype,
+                                overwrite=overwrite))
+    if json_out:
+        from dataclasses import asdict
+
+        from loratools.cli.output import print_json
+
+        print_json(asdict(result))
+        return
+    from loratools.cli.output import console, human_bytes, table, warn
+
+    if result.unknown:
+        warn(f"{len(result.unknown)} key(s) no adapter type reads were copied unchanged "
+             f"(first: {result.unknown[0]})")
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(result.kinds.items()))
+    console.print(table(None, ("", ""), [
+        ("input", f"{result.input} ({result.source_naming} names)"),
+        ("output", f"{result.output} ({result.to} names, {human_bytes(result.bytes)})"),
+        ("architecture", result.arch),
+        ("modules", f"{result.modules} ({kinds})" if kinds else "0"),
+        ("tensors", result.tensors),
+    ]))
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the main app."""
+    app.command(name="convert")(convert)

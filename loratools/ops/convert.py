@@ -1,0 +1,281 @@
+"""Rename an adapter between kohya and diffusers/PEFT naming, numerically unchanged.
+
+kohya output uses the most compatible names (formats-spec 5.5): SD1/SD2 ``lora_unet_`` +
+diffusers-style UNet path and ``lora_te_``; SDXL ``lora_unet_`` + SGM path and
+``lora_te1_``/``lora_te2_`` (q/k/v separate). Every adapter type carries over, tensors unchanged;
+a LoRA without alpha gets ``alpha = rank`` written out (the same scale, stated explicitly).
+
+PEFT output (``unet.<path>.lora_A.weight`` / ``lora_B``, ``text_encoder[_2].text_model....``) holds
+LoRA only, and PEFT has no per-module alpha: the scale ``alpha / rank`` is folded into the
+factors (split between both, exactly for power-of-two scales, see ``_split_scale``), and no ``lora_adapter_metadata`` is
+written, so diffusers uses alpha = rank (scale 1), exactly as it does for any PEFT file without
+that metadata. Tucker LoCon folds its core into ``lora_A`` (same rank, exact). DoRA and the
+LyCORIS types have no diffusers/PEFT form and are refused with the fix.
+
+Metadata is carried over, except ``lora_adapter_metadata`` (its alphas are now in the tensors)
+and ``sshs_*`` hashes (recomputed for kohya output, dropped for PEFT output).
+
+Module names are turned back into dotted paths by lookup in a table generated from the UNet's
+block table (``loratools.keys.unet_blocks``) and the CLIP layer vocabulary, never by splitting
+on ``_``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from loratools.errors import UnmatchedModulesError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.adapters import AdapterFile, AdapterModule
+    from loratools.keys.unet_blocks import UNetBlockTable
+
+Target = Literal["kohya", "peft"]
+TARGETS: tuple[str, ...] = ("kohya", "peft")
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+_TE_COMPONENT = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te_": "text_encoder"}
+_TRANSFORMER_BLOCK_INNER = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                            "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")
+_TRANSFORMER_INNER = ("proj_in", "proj_out", "norm")
+_CLIP_LAYER_INNER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "mlp.fc1", "mlp.fc2", "layer_norm1", "layer_norm2")
+_CLIP_OTHER = ("text_model.final_layer_norm", "text_model.embeddings.token_embedding",
+               "text_model.embeddings.position_embedding", "text_projection")
+# Generous bounds for the generated vocabulary (SDXL: 10 transformer blocks, bigG: 32 layers).
+_MAX_TRANSFORMER_DEPTH = 32
+_MAX_CLIP_LAYERS = 64
+_DROPPED_METADATA = ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What ``convert`` does.
+
+    Attributes:
+        input: the adapter file.
+        output: the file to write (never one of the inputs).
+        to: "kohya" or "peft".
+        arch: "sd1", "sd2" or "sdxl" to override detection.
+        base: a base model (file or diffusers folder) whose UNet layout names the blocks; needed
+            only for UNets that are not the released SD1/SD2/SDXL layout.
+        dtype: "fp16", "bf16" or "fp32" for every float tensor; None keeps each tensor's dtype.
+        overwrite: replace an existing output.
+    """
+
+    input: Path
+    output: Path
+    to: str
+    arch: str | None = None
+    base: Path | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.to not in TARGETS:
+            raise UsageError(f"--to {self.to!r} is not a naming loratools writes; use one of: {', '.join(TARGETS)}")
+        if self.arch is not None and self.arch not in ("sd1", "sd2", "sdxl"):
+            raise UsageError(f"--arch {self.arch!r} is not supported; use sd1, sd2 or sdxl")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+
+
+@dataclass
+class ConvertResult:
+    """What was written."""
+
+    input: Path
+    output: Path
+    to: str
+    arch: str
+    source_naming: str
+    modules: int
+    kinds: dict[str, int]
+    tensors: int
+    unknown: list[str] = field(default_factory=list)  # passed through verbatim
+    bytes: int = 0
+    sshs_model_hash: str | None = None
+
+
+def convert(options: ConvertOptions) -> ConvertResult:
+    """Convert an adapter's naming, writing a new file.
+
+    Args:
+        options: a validated ``ConvertOptions``.
+    Returns:
+        ``ConvertResult``.
+    Raises:
+        UsageError: a module that the target naming cannot hold (PEFT: non-LoRA, DoRA).
+        UnmatchedModulesError: modules whose names are not SD1/SD2/SDXL UNet or CLIP modules.
+        ArchitectureMismatchError: the architecture cannot be told (pass ``arch``).
+    Example:
+        >>> convert(ConvertOptions(Path("a.safetensors"), Path("a_peft.safetensors"), "peft"))
+    """
+    from loratools.adapters import load_adapter
+    from loratools.io.writer import save_tensors
+
+    adapter = load_adapter(options.input)
+    arch, table = _arch_and_table(adapter, options)
+    names = ModulePaths(table)
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, int] = {}
+    unmatched: list[str] = []
+    for module in adapter.modules.values():
+        located = names.locate(module.name)
+        if located is None:
+            unmatched.append(module.source_name)
+            continue
+        kinds[module.kind] = kinds.get(module.kind, 0) + 1
+        if options.to == "kohya":
+            tensors.update(_kohya_tensors(module, *located, arch, table))
+        else:
+            tensors.update(_peft_tensors(module, *located))
+    if unmatched:
+        raise UnmatchedModulesError(
+            f"{len(unmatched)} module(s) are not {arch} UNet or CLIP text-encoder modules (first: {unmatched[0]}); "
+            "pass --base with the model the adapter was made for, or --arch if the architecture was misdetected",
+            unmatched, path=options.input)
+    for key, t in adapter.unknown.items():
+        if key in tensors:
+            raise UsageError(f"unknown key {key!r} collides with a converted key; remove it from the input",
+                             path=options.input)
+        tensors[key] = t
+    if options.dtype is not None:
+        tensors = _cast(tensors, options.dtype)
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in _DROPPED_METADATA}
+    if options.to == "peft":
+        metadata["format"] = "pt"
+    written = save_tensors(options.output, {k: tensors[k].contiguous() for k in sorted(tensors)}, metadata,
+                           overwrite=options.overwrite, protected=_protected(options),
+                           sshs_hashes=options.to == "kohya")
+    return ConvertResult(input=options.input, output=written.path, to=options.to, arch=arch,
+                         source_naming=adapter.naming, modules=sum(kinds.values()), kinds=kinds,
+                         tensors=len(tensors), unknown=sorted(adapter.unknown), bytes=written.size,
+                         sshs_model_hash=written.sshs_model_hash)
+
+
+def _protected(options: ConvertOptions) -> list[Path]:
+    return [options.input] + ([options.base] if options.base is not None and options.base.is_file() else [])
+
+
+def _arch_and_table(adapter: AdapterFile, options: ConvertOptions) -> tuple[str, UNetBlockTable]:
+    """Architecture (option > base model > adapter) and the UNet block table (base > standard)."""
+    from loratools.keys.arch import detect_adapter_arch, detect_checkpoint_arch
+    from loratools.keys.unet_blocks import UNetBlockTable
+
+    if options.base is not None:
+        from loratools.io.checkpoint import open_model
+
+        model = open_model(options.base)
+        arch = options.arch or detect_checkpoint_arch(model).arch
+        component = "unet" if model.layout == "diffusers" else ""
+        return arch, UNetBlockTable.from_keys(model.key_shapes(component))
+    arch = options.arch or detect_adapter_arch(adapter).arch
+    return arch, UNetBlockTable.standard(arch)
+
+
+class ModulePaths:
+    """Canonical kohya module name -> (component, dotted diffusers/transformers module path).
+
+    A lookup table: every module path the UNet (both spellings, from its block table) and the
+    CLIP text encoders can have, underscored. Two paths with one underscored spelling raise.
+    """
+
+    def __init__(self, table: UNetBlockTable) -> None:
+        self._unet: dict[str, str] = {}
+        for dif, ldm in table.pairs().items():
+            inner: Iterable[str] = ("",)
+            if ".attentions." in dif:
+                inner = ("", *_TRANSFORMER_INNER, *(f"transformer_blocks.{k}.{n}" for k in range(_MAX_TRANSFORMER_DEPTH)
+                                                    for n in _TRANSFORMER_BLOCK_INNER))
+            for rest in inner:
+                d, s = (f"{dif}.{rest}", f"{ldm}.{rest}") if rest else (dif, ldm)
+                self._add(self._unet, d, d)
+                self._add(self._unet, s, d)
+        self._te: dict[str, str] = {}
+        for n in range(_MAX_CLIP_LAYERS):
+            for rest in _CLIP_LAYER_INNER:
+                p = f"text_model.encoder.layers.{n}.{rest}"
+                self._add(self._te, p, p)
+        for p in _CLIP_OTHER:
+            self._add(self._te, p, p)
+
+    @staticmethod
+    def _add(table: dict[str, str], spelled: str, path: str) -> None:
+        key = spelled.replace(".", "_")
+        if table.setdefault(key, path) != path:
+            raise ValueError(f"{table[key]!r} and {path!r} are both spelled {key!r}")
+
+    def locate(self, name: str) -> tuple[str, str] | None:
+        """``("unet" | "text_encoder" | "text_encoder_2", dotted path)`` or None."""
+        if name.startswith("lora_unet_"):
+            path = self._unet.get(name[len("lora_unet_"):])
+            return None if path is None else ("unet", path)
+        for prefix, component in _TE_COMPONENT.items():
+            if name.startswith(prefix):
+                path = self._te.get(name[len(prefix):])
+                return None if path is None else (component, path)
+        return None
+
+
+def _kohya_tensors(module: AdapterModule, component: str, path: str, arch: str,
+                   table: UNetBlockTable) -> dict[str, torch.Tensor]:
+    import torch
+
+    from loratools.keys.naming import kohya_name
+
+    name = kohya_name(component, path, arch, unet_table=table)
+    tensors = module.tensors()
+    if module.kind == "lora" and "alpha" not in tensors:
+        tensors["alpha"] = torch.tensor(float(module.rank), dtype=tensors["lora_down.weight"].dtype)
+    return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
+
+
+def _peft_tensors(module: AdapterModule, component: str, path: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    from loratools.adapters import LoRAModule
+    from loratools.keys.naming import peft_name
+
+    if not isinstance(module, LoRAModule):
+        raise UsageError(f"module {module.source_name} is {module.kind}: diffusers/PEFT files hold LoRA only; "
+                         "convert with --to kohya (ComfyUI and A1111 load LyCORIS types)")
+    if module.dora_scale is not None:
+        raise UsageError(f"module {module.source_name} is DoRA: diffusers' SD/SDXL loaders drop `dora_scale`; "
+                         "convert with --to kohya")
+    down, up = module.down.detach().float(), module.up.detach().float()
+    if module.mid is not None:  # Tucker: core folded into a kxk lora_A, same rank
+        down = torch.einsum("abhw,bi->aihw", module.mid.detach().float(), down.flatten(1))
+    to_down, to_up = _split_scale(module.scale)
+    name = peft_name(component, path)
+    return {f"{name}.lora_A.weight": (down * to_down).to(module.down.dtype),
+            f"{name}.lora_B.weight": (up * to_up).to(module.up.dtype)}
+
+
+def _split_scale(s: float) -> tuple[float, float]:
+    """Two factors whose product is ``s``, balanced so neither factor under/overflows in fp16.
+
+    A power of two (the usual ``alpha = rank / 2^k``) is split into two powers of two, so the
+    folded factors are bit-exact in any float dtype; other scales split as ``sqrt(|s|)``.
+    """
+    if s == 0:
+        return 0.0, 0.0
+    mantissa, exp = math.frexp(abs(s))
+    if mantissa == 0.5:
+        k = exp - 1
+        return 2.0 ** (k // 2), math.copysign(2.0 ** (k - k // 2), s)
+    root = math.sqrt(abs(s))
+    return root, math.copysign(root, s)
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    target = getattr(torch, DTYPES[dtype])
+    return {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}

@@ -1,0 +1,140 @@
+"""convert on real files: every module's delta survives both directions; metadata carried over."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loratools.adapters import load_adapter
+from loratools.errors import OutputExistsError, UsageError
+from loratools.io.reader import open_safetensors
+from loratools.keys.unet_blocks import UNetBlockTable
+from loratools.ops.convert import ConvertOptions, ModulePaths, convert
+from loratools.tiny import make_lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~40x faster than two on the shared, loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _by_path(adapter, table) -> dict:
+    paths = ModulePaths(table)
+    return {paths.locate(name): m for name, m in adapter.modules.items()}
+
+
+# arch, kind, naming of the source file
+SOURCES = [
+    ("sd1", "locon", "kohya_diffusers"), ("sd1", "lora", "peft"), ("sd1", "loha", "kohya"),
+    ("sdxl", "locon", "kohya"), ("sdxl", "lora", "kohya_diffusers"), ("sdxl", "locon", "peft"),
+    ("sdxl", "lokr", "kohya"), ("sdxl", "dora", "kohya"),
+]
+
+
+def _live_weight(pipe, component: str, path: str) -> torch.Tensor:
+    """The pipeline's weight for a module path (transformers 5 CLIPTextModel has no `text_model.`)."""
+    model = getattr(pipe, component)
+    try:
+        return model.get_submodule(path).weight.detach().float()
+    except AttributeError:
+        return model.get_submodule(path.removeprefix("text_model.")).weight.detach().float()
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_sd1, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl}
+
+
+@pytest.mark.parametrize("arch,kind,naming", SOURCES, ids=["-".join(s) for s in SOURCES])
+def test_deltas_survive_conversion(pipes, tiny_sd1_dir, tiny_sdxl_dir, tmp_path, arch, kind, naming):
+    pipe = pipes[arch]
+    base = {"sd1": tiny_sd1_dir, "sdxl": tiny_sdxl_dir}[arch]
+    table = UNetBlockTable.from_config(pipe.unet.config)
+    src = tmp_path / "src.safetensors"
+    made = make_lora(pipe, arch, kind, rank=4, alpha=2.0, naming=naming, path=src)
+    original = _by_path(load_adapter(src), table)
+    targets = ("kohya", "peft") if kind in ("lora", "locon") else ("kohya",)
+    for to in targets:
+        out = tmp_path / f"out_{to}.safetensors"
+        result = convert(ConvertOptions(src, out, to, base=base))
+        converted = load_adapter(out)
+        assert converted.unknown == {} and result.modules == len(made.targets)
+        assert converted.naming == to
+        if to == "kohya" and arch == "sdxl":
+            assert all(not n.startswith("lora_unet_") or "_blocks_" not in n.split("lora_unet_")[1][:12]
+                       for n in converted.modules)  # SGM names: input_blocks / middle_block / output_blocks
+        again = _by_path(converted, table)
+        assert again.keys() == original.keys()
+        bad = []
+        for where, m in original.items():
+            w = _live_weight(pipe, *where) if m.needs_base else None
+            expected = m.delta(w)
+            if not torch.allclose(again[where].delta(w).reshape(expected.shape), expected, rtol=1e-3, atol=1e-6):
+                bad.append(where)
+        assert bad == [], (to, bad[:3])
+
+
+def test_metadata_carried_and_hashes_recomputed(tiny_sdxl, tmp_path):
+    src = tmp_path / "src.safetensors"
+    made = make_lora(tiny_sdxl, "sdxl", "lora", naming="kohya_diffusers", path=src)
+    out = tmp_path / "out.safetensors"
+    convert(ConvertOptions(src, out, "kohya", arch="sdxl"))
+    md = open_safetensors(out).metadata
+    for k, v in made.metadata.items():
+        assert md[k] == v
+    assert len(md["sshs_model_hash"]) == 64 and "sshs_legacy_hash" in md
+    peft = tmp_path / "peft.safetensors"
+    convert(ConvertOptions(out, peft, "peft", arch="sdxl"))
+    md2 = open_safetensors(peft).metadata
+    assert md2["format"] == "pt" and "sshs_model_hash" not in md2 and md2["ss_output_name"] == made.metadata["ss_output_name"]
+
+
+def test_missing_alpha_is_written_as_rank(tiny_sd1, tmp_path):
+    src = tmp_path / "peft.safetensors"
+    make_lora(tiny_sd1, "sd1", "lora", naming="peft", path=src)
+    out = tmp_path / "kohya.safetensors"
+    convert(ConvertOptions(src, out, "kohya", arch="sd1"))
+    sd = open_safetensors(out)
+    for key in sd:
+        if key.endswith(".alpha"):
+            down = sd[key.replace(".alpha", ".lora_down.weight")]
+            assert float(sd[key]) == down.shape[0]
+
+
+def test_refusals(tiny_sd1, tmp_path):
+    src = tmp_path / "loha.safetensors"
+    make_lora(tiny_sd1, "sd1", "loha", path=src)
+    with pytest.raises(UsageError, match="LoRA only"):
+        convert(ConvertOptions(src, tmp_path / "x.safetensors", "peft", arch="sd1"))
+    with pytest.raises(UsageError, match="--to"):
+        ConvertOptions(src, tmp_path / "x.safetensors", "comfy")
+    with pytest.raises(OutputExistsError):
+        convert(ConvertOptions(src, src, "kohya", arch="sd1", overwrite=True))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_cli_end_to_end(tiny_sdxl, tmp_path):
+    src = tmp_path / "in.safetensors"
+    make_lora(tiny_sdxl, "sdxl", "lora", naming="peft", path=src)
+    out = tmp_path / "out.safetensors"
+    run = subprocess.run([sys.executable, "-m", "loratools", "convert", str(src), "--to", "kohya", "-o", str(out),
+                          "--arch", "sdxl", "--json"], capture_output=True, text=True, timeout=120, env=_ENV)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["to"] == "kohya" and doc["source_naming"] == "peft" and doc["modules"] > 0
+    assert load_adapter(out).naming == "kohya"
+    again = subprocess.run([sys.executable, "-m", "loratools", "convert", str(src), "--to", "kohya", "-o", str(out)],
+                           capture_output=True, text=True, timeout=120, env=_ENV)
+    assert again.returncode == 2 and "error:" in again.stderr and str(out) in again.stderr
