@@ -169,13 +169,17 @@ def test_in_memory_cache_and_sdxl_names(dataset_dir: Path):
     assert sorted(p.name for p in dataset_dir.rglob("*.npz"))[0] == "sq_0064x0064_sdxl.npz"
 
 
-def test_epoch_order_is_reproducible_and_changes_between_epochs(tmp_path: Path):
-    folder = tmp_path / "train" / "3_x"
+def _solid_images(tmp_path: Path, folder_name: str, n: int, *flags: str):
+    """``n`` uncaptioned 64x64 images of different colours; the config of a run over them."""
+    folder = tmp_path / "train" / folder_name
     folder.mkdir(parents=True)
-    for i in range(8):
+    for i in range(n):
         Image.new("RGB", (64, 64), (i * 30, 0, 0)).save(folder / f"{i}.png")
-    cfg = resolve_config(["--train_data_dir", str(tmp_path / "train"), "--resolution", "64", "--seed", "1",
-                          "--train_batch_size", "4"])
+    return resolve_config(["--train_data_dir", str(tmp_path / "train"), "--resolution", "64", *flags])
+
+
+def test_epoch_order_is_reproducible_and_changes_between_epochs(tmp_path: Path):
+    cfg = _solid_images(tmp_path, "3_x", 8, "--seed", "1", "--train_batch_size", "4")
     a, b = build_dataset(cfg), build_dataset(cfg)
 
     def order(ds, epoch):
@@ -188,12 +192,7 @@ def test_epoch_order_is_reproducible_and_changes_between_epochs(tmp_path: Path):
 
 
 def test_persistent_workers_follow_set_epoch(tmp_path: Path):
-    folder = tmp_path / "train" / "2_x"
-    folder.mkdir(parents=True)
-    for i in range(6):
-        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(folder / f"{i}.png")
-    cfg = resolve_config(["--train_data_dir", str(tmp_path / "train"), "--resolution", "64", "--seed", "2",
-                          "--train_batch_size", "3"])
+    cfg = _solid_images(tmp_path, "2_x", 6, "--seed", "2", "--train_batch_size", "3")
     ds = build_dataset(cfg)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=1, persistent_workers=True,
                                          collate_fn=lambda items: items[0])
