@@ -14,6 +14,10 @@ input keys, which reshaping). The plan can be checked at full scale from the fix
 without tensors, its output shapes feed a streaming writer (`TensorSpec`), and `LazyStateDict`
 evaluates one output tensor at a time, so a 7 GB checkpoint is never held whole.
 
+SD2 note: a diffusers SD2 text encoder has 23 layers (the released OpenCLIP-H has 24; the last is
+unused because SD2 reads the penultimate layer), so an SD2 single file written from a diffusers
+folder has resblocks 0-22 only; diffusers' own single-file loader ignores resblock 23 anyway.
+
 Example:
     >>> sd = to_single_file({"unet": unet.state_dict(), "text_encoder": te.state_dict(),
     ...                      "vae": vae.state_dict()}, "sd1")
