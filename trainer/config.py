@@ -266,6 +266,12 @@ class TrainConfig:
         return self.output_name if self.output_name is not None else "last"
 
 
+def add_warning(cfg: TrainConfig, message: str) -> None:
+    """Record a warning once (the dataset is scanned more than once: training and validation parts)."""
+    if message not in cfg.warnings:
+        cfg.warnings.append(message)
+
+
 def config_fields() -> dict[str, dataclasses.Field]:
     """The settable fields by name (internal bookkeeping fields excluded)."""
     return {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}

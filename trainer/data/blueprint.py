@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loratools.errors import InvalidFileError, UsageError
-from trainer.config import TrainConfig, round_bucket_bounds
+from trainer.config import TrainConfig, add_warning, round_bucket_bounds
 from trainer.data.captions import CaptionOptions
 
 
@@ -102,7 +102,7 @@ def build_blueprint(cfg: TrainConfig) -> list[DatasetSpec]:
     """
     if cfg.dataset_config:
         if cfg.train_data_dir or cfg.reg_data_dir:
-            cfg.warnings.append("--train_data_dir/--reg_data_dir have no effect with --dataset_config")
+            add_warning(cfg, "--train_data_dir/--reg_data_dir have no effect with --dataset_config")
         return load_dataset_config(cfg.dataset_config, cfg)
     if not cfg.train_data_dir:
         raise UsageError("no training images: give --train_data_dir (a folder of N_concept folders) or --dataset_config")
@@ -127,10 +127,10 @@ def folder_subsets(parent: str | None, is_reg: bool, cfg: TrainConfig) -> list[S
         try:
             repeats = int(head)
         except ValueError:
-            cfg.warnings.append(f"{sub}: folder name does not start with N_ (repeats); skipped")
+            add_warning(cfg, f"{sub}: folder name does not start with N_ (repeats); skipped")
             continue
         if repeats < 1:
-            cfg.warnings.append(f"{sub}: {repeats} repeats; skipped")
+            add_warning(cfg, f"{sub}: {repeats} repeats; skipped")
             continue
         raw = {"image_dir": str(sub), "num_repeats": repeats, "is_reg": is_reg, "class_tokens": concept}
         subsets.append(_subset_from(cfg, raw, {}, {}, where=""))
@@ -168,6 +168,8 @@ def load_dataset_config(path: str | Path, cfg: TrainConfig) -> list[DatasetSpec]
                     raise UsageError(f"{path}: {sub_where}: {key}: {why}")
             if "image_dir" not in sub:
                 raise InvalidFileError(f"{sub_where}: image_dir is required", path=path)
+            if any("cache_info" in level for level in (sub, ds, general)):
+                add_warning(cfg, f"{path}: cache_info has no effect (image sizes are read from file headers)")
             subsets.append(_subset_from(cfg, sub, ds, general, where=f"{path}: {sub_where}: "))
         datasets.append(_dataset_from(cfg, ds, general, subsets, where=f"{path}: {where}: "))
     return datasets

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratools.errors import InvalidFileError
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, add_warning
 from trainer.data.blueprint import DatasetSpec, SubsetSpec, build_blueprint
 from trainer.data.buckets import BucketManager
 from trainer.data.captions import read_caption, tag_frequency
@@ -152,7 +152,7 @@ def _layout(cfg: TrainConfig, spec: DatasetSpec, validation: bool) -> DatasetLay
             raise InvalidFileError("image folder not found", path=subset.image_dir)
         paths = list_images(subset.image_dir)
         if not paths:
-            cfg.warnings.append(f"{subset.image_dir}: no images; skipped")
+            add_warning(cfg, f"{subset.image_dir}: no images; skipped")
             continue
         if not subset.is_reg:
             paths = split_train_validation(paths, spec.validation_split, split_seed, validation)
@@ -162,7 +162,7 @@ def _layout(cfg: TrainConfig, spec: DatasetSpec, validation: bool) -> DatasetLay
         if missing:
             fallback = repr(subset.class_tokens) if subset.class_tokens else "an empty caption"
             shown = ", ".join(p.name for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
-            cfg.warnings.append(f"{subset.image_dir}: {len(missing)} image(s) without a {subset.caption.caption_extension} "
+            add_warning(cfg, f"{subset.image_dir}: {len(missing)} image(s) without a {subset.caption.caption_extension} "
                                 f"caption use {fallback}: {shown}")
         counts = frequency.setdefault(subset.image_dir.name, {})
         for tag, n in tag_frequency([i.caption for i in infos]).items():
@@ -225,6 +225,6 @@ def _balance_reg(reg: list[ImageInfo], num_train: int, cfg: TrainConfig) -> list
                 break
         first_pass = False
     if len(registered) < len(reg):
-        cfg.warnings.append(f"{len(reg) - len(registered)} regularization image(s) unused: there are more than "
+        add_warning(cfg, f"{len(reg) - len(registered)} regularization image(s) unused: there are more than "
                             f"training images x repeats ({num_train})")
     return registered
