@@ -128,3 +128,19 @@ def test_same_seed_same_tensors(tiny_sd1):
     c = make_lora(tiny_sd1, "sd1", "loha", seed=8)
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert not all(torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
+def test_untrained_last_te_layer_is_all_zero_like_clip_skip_2(tiny_sd1, kind):
+    adapter = make_lora(tiny_sd1, "sd1", kind, untrained_te_layers=1, dtype=torch.float32)
+    last = [n for n in adapter.targets if n.startswith("lora_te_text_model_encoder_layers_2_")]
+    assert len(last) == 6
+    zero = {k for k, v in adapter.tensors.items() if k.endswith(("weight", "_a", "_b", "w2")) and not v.any()}
+    assert len(zero) == 6 and all(k.split(".", 1)[0] in last for k in zero)
+    assert all(not adapter.targets[n].delta.any() for n in last)
+    assert adapter.targets["lora_te_text_model_encoder_layers_1_mlp_fc1"].delta.any()
+    if kind == "dora":
+        name = last[0]
+        t = {k.split(".", 1)[1]: v for k, v in adapter.tensors.items() if k.startswith(name + ".")}
+        weight = tiny_sd1.text_encoder.get_submodule(adapter.targets[name].module_path).weight
+        torch.testing.assert_close(t["dora_scale"].flatten(), weight.norm(dim=1))

@@ -16,14 +16,23 @@ diffusers and transformers (that import alone takes ~3 s):
   float (H, W, 3) numpy array in [0, 1]. ~35 ms (the first call in a process ~0.3-2 s warm-up).
 - ``save_diffusers(pipe, dir)`` / ``load_diffusers(dir)`` (files.py): a diffusers folder. ~30 /
   ~90 ms.
+- ``save_single_file(pipe, path, dtype)`` / ``load_single_file(path, arch)`` (files.py): one LDM
+  (SD1/SD2) or SGM (SDXL) .safetensors through ``loratools.keys.state_dict`` and ``loratools.io``.
+  ~30-40 / ~50-100 ms. diffusers' ``from_single_file(path, config=<diffusers folder>,
+  local_files_only=True)`` loads them too (~0.1-0.17 s) and renders the identical image.
 - ``make_dataset(dir, arch, n_images)`` (dataset.py): ``<dir>/5_tinychar/img_000.png`` + ``.txt``
   captions (trigger word first, comma-separated tags), shapes with a stripe pattern, six aspect
-  ratios; options for uncaptioned and RGBA images. ~20 ms for 6 images.
+  ratios; options for uncaptioned and RGBA images. ~15 ms for 6 images.
 - ``make_lora(pipe, arch, kind, rank, alpha, seed, naming)`` (adapters.py): a synthetic adapter
   (kinds lora, locon, loha, lokr, full, dora; kohya names with SGM UNet paths for SDXL,
-  ``kohya_diffusers`` or ``peft`` names) with ground-truth float32 deltas, optionally written to
-  a file. ~30 ms. diffusers' ``load_lora_weights`` loads the lora/locon files and matches a
-  manual merge of the deltas to ~4e-6.
+  ``kohya_diffusers`` or ``peft`` names; optionally untrained last text-encoder layers) with
+  ground-truth float32 deltas, optionally written to a file. ~20-45 ms. diffusers'
+  ``load_lora_weights`` loads the lora/locon/peft files and matches a manual merge of the deltas
+  to ~4e-6 (the first call in a process imports peft: several seconds).
+
+SDXL's second text encoder is 48 wide (the first 32): diffusers' ``from_single_file`` tells the
+two encoders apart by width, as the real 768/1280 do. Read every dimension from the configs.
+Timings were taken on an idle machine; expect several times more while other jobs run.
 """
 
 from loratools.tiny.adapters import KINDS, NAMINGS, Target, TinyAdapter, make_lora, target_modules

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,10 @@ _UNET_ATTN = ("Transformer2DModel",)
 _UNET_CONV = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 _TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 _BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+#: The factor each trainer initialises to zero (kohya lora_up; LyCORIS hada_w2_a, lokr_w2(_b)), so a
+#: module that never received a gradient has exactly these tensors all zero.
+_ZERO_INIT = ("lora_up.weight", "hada_w2_a", "lokr_w2", "lokr_w2_b", "diff")
+_TE_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,18 @@ def _module_tensors(kind: str, weight: torch.Tensor, rank: int, alpha: float, st
     raise ValueError(f"unknown adapter kind {kind!r}; expected one of {KINDS}")
 
 
+def _untrained(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> tuple[dict[str, torch.Tensor],
+                                                                               torch.Tensor]:
+    """The same module as training initialises it: its zero-initialised factor all zero, delta 0
+    (DoRA's magnitude starts as the base weight's row norms)."""
+    import torch
+
+    out = {k: (torch.zeros_like(v) if k in _ZERO_INIT else v) for k, v in tensors.items()}
+    if "dora_scale" in out:
+        out["dora_scale"] = weight.float().reshape(weight.shape[0], -1).norm(dim=1).reshape(out["dora_scale"].shape)
+    return out, torch.zeros(weight.shape)
+
+
 def _module_name(naming: str, component: str, path: str, arch: str, table: Any) -> str:
     from loratools.keys.naming import kohya_name, kohya_prefix, peft_name, underscored
 
@@ -190,6 +207,7 @@ def make_lora(
     strength: float = 0.2,
     dtype: torch.dtype | None = None,
     text_encoders: bool = True,
+    untrained_te_layers: int = 0,
     path: str | Path | None = None,
 ) -> TinyAdapter:
     """Build a synthetic adapter for a tiny pipeline; write it to ``path`` if given.
@@ -208,6 +226,9 @@ def make_lora(
         strength: each module's delta norm relative to its base weight's norm.
         dtype: tensor dtype in the file (default float16, as sd-scripts saves); deltas stay float32.
         text_encoders: include text-encoder modules (False = ``network_train_unet_only``).
+        untrained_te_layers: the last this many layers of each text encoder are left as training
+            initialises them (zero ``lora_up``/``hada_w2_a``/``lokr_w2``, delta 0): what clip skip 2
+            does to a real kohya SD1 LoRA (6 all-zero ``lora_up`` tensors for 1 layer).
         path: where to write the .safetensors (through ``loratools.io``; refuses to overwrite).
 
     Returns:
@@ -242,6 +263,11 @@ def make_lora(
         is_kxk = weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1)
         r, a = (conv_rank, conv_alpha) if is_kxk else (rank, alpha)
         module_tensors, delta = _module_tensors(kind, weight, r, a, strength, gen)
+        layer_match = _TE_LAYER.search(module_path)
+        if component != "unet" and layer_match and untrained_te_layers > 0:
+            n_layers = getattr(model, component).config.num_hidden_layers
+            if int(layer_match.group(1)) >= n_layers - untrained_te_layers:
+                module_tensors, delta = _untrained(module_tensors, weight)
         name = _module_name(naming, component, module_path, arch, table)
         if naming == "peft":
             scale = float(module_tensors["alpha"]) / module_tensors["lora_down.weight"].shape[0]
