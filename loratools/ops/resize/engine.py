@@ -21,6 +21,7 @@ Per LoRA file:
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -183,8 +184,15 @@ class Resizer:
         if out is not None and out.suffix.lower() == ".safetensors" and len(recipes) > 1:
             raise UsageError(f"output {out} is one file but {len(recipes)} recipes were given; "
                              "give an output folder instead")
-        if out is not None and out.suffix.lower() != ".safetensors" and not out.is_dir() and not dry_run:
-            raise UsageError(f"output folder {out} does not exist; create it first", path=out)
+        folder = out.parent if out is not None and out.suffix.lower() == ".safetensors" else (out or lora.parent)
+        if not dry_run:
+            if folder.exists() and not folder.is_dir():
+                raise UsageError(f"output folder {folder} is a file; give a folder or a .safetensors name", path=folder)
+            if not folder.is_dir():
+                raise UsageError(f"output folder {folder} does not exist; create it first", path=folder)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UsageError(f"cannot write to folder {folder} (permission denied); choose another -o",
+                                 path=folder)
         if any(r.needs_checkpoint for r in recipes) and self.model is None:
             names = ", ".join(sorted({k for r in recipes for k in r.weights if k.endswith(("_ckpt", "subspace"))}))
             raise UsageError(f"recipe scores {names} compare with the base checkpoint; pass it "

@@ -1,0 +1,95 @@
+"""`loratools resize` end to end: the real program in a subprocess on tiny SD1/SDXL files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loratools.io import open_safetensors
+from loratools.tiny import make_lora
+
+
+def run(*args, cwd=None):
+    p = subprocess.run([sys.executable, "-m", "loratools", "resize", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd, env={"LORATOOLS_CACHE_DIR": str(cwd or "."), "PATH": "/usr/bin:/bin",
+                                                "OMP_NUM_THREADS": "1"})
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl, tiny_sdxl_ckpt, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli sdxl, with spaces")
+    lora = make_lora(tiny_sdxl, "sdxl", "locon", rank=6, alpha=3, path=d / "my lora, v2.safetensors").path
+    return tiny_sdxl_ckpt, lora
+
+
+def test_seed_command_verbatim_then_skip_then_overwrite(sdxl, tmp_path):
+    ckpt, lora = sdxl
+    out = tmp_path / "out dir"
+    out.mkdir()
+    rc, stdout, err = run("-o", out, "-r", "fro_ckpt=1,thr=-3.55", ckpt, lora, cwd=tmp_path)
+    assert rc == 0, err
+    target = out / "my lora, v2_frockpt1_th-3.55.safetensors"
+    assert target.is_file() and [p.name for p in out.iterdir()] == [target.name]
+    assert "rank 930 -> " in stdout and "MiB ->" in stdout and "Frobenius" in stdout and "threshold -3.55" in stdout
+    assert open_safetensors(target).metadata["ss_training_comment"].startswith("Resized by loratools")
+    mtime = target.stat().st_mtime_ns
+    rc, stdout, _ = run("-o", out, "-r", "fro_ckpt=1,thr=-3.55", ckpt, lora, cwd=tmp_path)
+    assert rc == 0 and "exists, skipped" in stdout and target.stat().st_mtime_ns == mtime
+    rc, _, _ = run("-o", out, "-b", ckpt, "--overwrite", lora, cwd=tmp_path)  # default recipe = same name
+    assert rc == 0 and target.stat().st_mtime_ns != mtime
+
+
+def test_sd_scripts_flags_and_json(sdxl, tmp_path):
+    ckpt, lora = sdxl
+    rc, stdout, err = run("--dynamic_method", "sv_fro", "--dynamic-param", "0.9", "--save_precision", "fp32",
+                          "--new_rank", "4", "--json", "-o", tmp_path, lora, cwd=tmp_path)
+    assert rc == 0, err
+    (res,) = json.loads(stdout)
+    (o,) = res["outputs"]
+    assert o["recipe"] == "sv_fro=0.9,max_rank=4" and o["status"] == "written"
+    assert max(r["new_rank"] for r in o["layers"]) <= 4
+    sd = open_safetensors(tmp_path / "my lora, v2_svfro0.9_max4.safetensors")
+    assert {sd.info(k).dtype for k in sd if k.endswith("weight")} == {"F32"}
+    assert {sd.info(k).dtype for k in sd if k.endswith("alpha")} == {"F32"}
+
+
+def test_dry_run_folder_input_and_several_recipes(sdxl, tmp_path):
+    ckpt, lora = sdxl
+    rc, stdout, err = run("--dry-run", "-r", "sv_ratio=8,max_rank=32:fro_ckpt=1,size=0.2", ckpt, lora.parent,
+                          cwd=tmp_path)
+    assert rc == 0, err
+    assert "rle_lora" in stdout and "score quantiles" in stdout and "predicted size" in stdout
+    assert stdout.count("(dry run)") == 2
+    assert sorted(p.name for p in lora.parent.iterdir()) == [lora.name]  # nothing written
+
+
+def test_sd1_with_base_flag(tiny_sd1, tiny_sd1_ckpt, tmp_path):
+    lora = make_lora(tiny_sd1, "sd1", "loha", rank=4, alpha=2, path=tmp_path / "loha.safetensors").path
+    rc, stdout, err = run("-b", tiny_sd1_ckpt, "-r", "fro_ckpt=1,thr=-2.5", str(tmp_path / "*.safetensors"),
+                          "-o", tmp_path, cwd=tmp_path)
+    assert rc == 0, err
+    assert "converted" in err and "loha_frockpt1_th-2.5.safetensors" in stdout
+
+
+@pytest.mark.parametrize("case", ["arch", "typo", "thr_and_size", "output_is_file"])
+def test_bad_inputs_clear_errors_and_no_files(case, sdxl, tiny_sd1_ckpt, tmp_path):
+    ckpt, lora = sdxl
+    (tmp_path / "o").mkdir()
+    blocker = tmp_path / "o" / "afile"
+    blocker.write_text("x")
+    args = {"arch": ["-o", tmp_path / "o", tiny_sd1_ckpt, lora],
+            "typo": ["-o", tmp_path / "o", "-r", "fro_ckpt=1,tresh=-3", ckpt, lora],
+            "thr_and_size": ["-o", tmp_path / "o", "-r", "thr=-3,size=1", ckpt, lora],
+            "output_is_file": ["-o", blocker, ckpt, lora]}[case]
+    rc, stdout, err = run(*args, cwd=tmp_path)
+    assert rc == 2 and "Traceback" not in err
+    line = " ".join(err.split())
+    assert {"arch": "SDXL", "typo": "'tresh'", "thr_and_size": "both thr= and size=",
+            "output_is_file": "is a file"}[case] in line
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["afile"]
+    assert sorted(p.name for p in lora.parent.iterdir()) == [lora.name]
