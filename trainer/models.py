@@ -60,18 +60,23 @@ def _strip_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def _match_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Align `text_model.` prefixes between transformers 4.x files and 5.x models (and back)."""
-    want = set(model.state_dict().keys())
-    out: dict[str, torch.Tensor] = {}
-    for key in sd.keys():
-        target = key
-        if key not in want:
-            if key.startswith("text_model.") and key[len("text_model."):] in want:
-                target = key[len("text_model."):]
-            elif "text_model." + key in want:
-                target = "text_model." + key
-        out[target] = sd[key]
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _align(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Key spellings that differ between library versions: the CLIP `text_model.` level
+    (transformers 4 vs 5) and the VAE mid-block attention names of diffusers < 0.17 files."""
+    from loratools.keys.state_dict import align_text_model_level
+
+    keys = model.state_dict().keys()
+    if any("token_embedding" in k for k in keys):
+        return align_text_model_level(sd, keys)
+    out = {}
+    for k, v in sd.items():
+        parts = k.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] in _OLD_VAE_ATTENTION and "attentions" in parts[0]:
+            k = f"{parts[0]}.{_OLD_VAE_ATTENTION[parts[1]]}.{parts[2]}"
+        out[k] = v
     return out
 
 
@@ -85,16 +90,17 @@ def instantiate(cls: Any, config: Mapping[str, Any], sd: Mapping[str, torch.Tens
             model = cls.from_config(_strip_config(config))
         else:  # transformers: config object
             model = cls(config)
-    tensors = _match_keys(model, sd)
-    # transformers ties/derives a few buffers (position_ids) that older files carry; drop extras.
+    tensors = _align(model, sd)
     expected = set(model.state_dict().keys())
-    extra = [k for k in tensors if k not in expected]
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise InvalidFileError(f"{what}: {len(missing)} weights missing (first: {missing[0]}); the file does not "
-                               "match its config", path=path)
-    for k in extra:
+    # transformers < 4.31 saved CLIP's position_ids buffer; it is derived, not learnt.
+    for k in [k for k in tensors if k not in expected and k.endswith("position_ids")]:
         tensors.pop(k)
+    missing = sorted(k for k in expected if k not in tensors)
+    extra = sorted(k for k in tensors if k not in expected)
+    if missing or extra:
+        first = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise InvalidFileError(f"{what}: {len(missing)} weights missing, {len(extra)} unexpected ({first}); "
+                               "the file does not match its config", path=path)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
                           strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -108,12 +114,16 @@ def _te_classes(config: Mapping[str, Any]):
     return cls, CLIPTextConfig(**_strip_config(config))
 
 
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()
+
+
 def load_tokenizer(folder: Path):
-    """A CLIP tokenizer from local files (vocab.json + merges.txt)."""
+    """A CLIP tokenizer from local files (vocab.json + merges.txt, or tokenizer.json)."""
     from transformers import CLIPTokenizer
 
-    if not (folder / "vocab.json").exists():
-        raise InvalidFileError("no vocab.json/merges.txt tokenizer files", path=folder)
+    if not has_tokenizer(folder):
+        raise InvalidFileError("no tokenizer files (vocab.json + merges.txt or tokenizer.json)", path=folder)
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

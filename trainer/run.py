@@ -37,6 +37,8 @@ class TrainResult:
     epochs: int = 0
     keys_scaled: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    latents_encoded: int = 0
+    latents_reused: int = 0
 
 
 def _version() -> str:
@@ -142,6 +144,7 @@ def train(cfg: Any) -> TrainResult:
                              max_token_length=cfg.max_token_length)
 
     model.vae.to(device, dtype=vae_dtype)
+    cache_counts = (0, 0)
     trainer = Trainer(cfg, accelerator, model, None, noise_scheduler, text, weight_dtype, vae_dtype,
                       train_unet, train_te)
     if cfg.cache_latents or cfg.cache_latents_to_disk:
@@ -154,6 +157,7 @@ def train(cfg: Any) -> TrainResult:
             dataset.cache_latents(trainer.encode_images, to_disk, sdxl=arch == "sdxl",
                                   latent_stride=model.vae_scale_factor, shard=shard)
         _say(accelerator, f"latents: {report.encoded} encoded, {report.reused} cached files reused")
+        cache_counts = (report.encoded, report.reused)
         model.vae.to("cpu")
     accelerator.wait_for_everyone()
 
@@ -228,7 +232,8 @@ def train(cfg: Any) -> TrainResult:
     out_dir = Path(cfg.output_dir)
     name = cfg.resolved_output_name
     ext = cfg.save_model_as if cfg.save_model_as != "pt" else "pt"
-    result = TrainResult(out_dir, None, warnings=warnings)
+    result = TrainResult(out_dir, None, warnings=warnings, latents_encoded=cache_counts[0],
+                         latents_reused=cache_counts[1])
     for w in warnings:
         _say(accelerator, f"warning: {w}")
 

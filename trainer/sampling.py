@@ -48,7 +48,7 @@ def make_scheduler(name: str, v_parameterization: bool):
     cls = getattr(diffusers, cls_name)
     config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
               "beta_schedule": "scaled_linear", "prediction_type": "v_prediction" if v_parameterization else "epsilon",
-              **extra}
+              "steps_offset": 1, **extra}
     sched = cls(**config)
     if getattr(sched.config, "clip_sample", None) is False:
         sched.register_to_config(clip_sample=True)

@@ -58,14 +58,10 @@ def step_to_remove(step: int, every: int | None, keep: int | None) -> int | None
 
 
 def _hash_legacy(path: Path) -> str:
-    """A1111's old model hash: sha256 of 64 KiB at 1 MiB, first 8 hex; folders give "IsADirectory"."""
-    import hashlib
+    """A1111's old model hash; a diffusers folder gives "IsADirectory" as in sd-scripts."""
+    from loratools.io.hashes import legacy_file_hash
 
-    if path.is_dir():
-        return "IsADirectory"
-    with path.open("rb") as fh:
-        fh.seek(0x100000)
-        return hashlib.sha256(fh.read(0x10000)).hexdigest()[0:8]
+    return "IsADirectory" if path.is_dir() else legacy_file_hash(path)
 
 
 def _hash_full(path: Path) -> str:

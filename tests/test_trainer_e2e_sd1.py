@@ -1,0 +1,159 @@
+"""End-to-end tiny SD1 training: files, metadata, diffusers loading, loss on the training images,
+latent cache reuse and continuing from --network_weights."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from loratools.io.reader import open_safetensors
+from trainer.config import resolve_config
+from trainer.run import train
+
+pytestmark = pytest.mark.slow
+
+SPEC_KEYS = ("ss_session_id ss_training_started_at ss_output_name ss_learning_rate ss_text_encoder_lr ss_unet_lr "
+             "ss_num_train_images ss_num_reg_images ss_num_batches_per_epoch ss_num_epochs ss_gradient_checkpointing "
+             "ss_gradient_accumulation_steps ss_max_train_steps ss_lr_warmup_steps ss_lr_scheduler ss_network_module "
+             "ss_network_dim ss_network_alpha ss_network_dropout ss_mixed_precision ss_full_fp16 ss_v2 "
+             "ss_base_model_version ss_clip_skip ss_max_token_length ss_cache_latents ss_seed ss_lowram "
+             "ss_noise_offset ss_multires_noise_iterations ss_multires_noise_discount ss_adaptive_noise_scale "
+             "ss_zero_terminal_snr ss_training_comment ss_sd_scripts_commit_hash ss_optimizer ss_max_grad_norm "
+             "ss_caption_dropout_rate ss_min_snr_gamma ss_scale_weight_norms ss_ip_noise_gamma ss_loss_type "
+             "ss_batch_size_per_device ss_total_batch_size ss_resolution ss_enable_bucket ss_min_bucket_reso "
+             "ss_max_bucket_reso ss_keep_tokens ss_dataset_dirs ss_reg_dataset_dirs ss_tag_frequency ss_bucket_info "
+             "ss_network_args ss_sd_model_name ss_sd_model_hash ss_new_sd_model_hash ss_training_finished_at "
+             "ss_steps ss_epoch modelspec.sai_model_spec modelspec.architecture modelspec.implementation "
+             "modelspec.title modelspec.date modelspec.resolution modelspec.prediction_type sshs_model_hash "
+             "sshs_legacy_hash").split()
+
+
+def _args(model, data, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--output_name", "tiny", "--resolution", "64", "--caption_extension", ".txt",
+            "--train_batch_size", "2", "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "5e-3",
+            "--seed", "1", "--max_data_loader_n_workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def data_copy(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd1_data") / "train"
+    shutil.copytree(tiny_dataset.root, root)
+    return root
+
+
+def _sshs(path):
+    """sd-scripts' hashes, independently: sha256 of the data section of a serialization holding
+    only the ss_* metadata, and of the 64 KiB at 1 MiB of that buffer."""
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    meta = {k: v for k, v in open_safetensors(path).metadata.items() if k.startswith("ss_")}
+    buf = save(load_file(str(path)), meta)
+    n = int.from_bytes(buf[:8], "little")
+    return hashlib.sha256(buf[8 + n:]).hexdigest(), hashlib.sha256(buf[0x100000:0x110000]).hexdigest()[:8]
+
+
+def _eval_loss(pipe, data, lora=None, seed=0):
+    """Mean epsilon loss of the UNet on the training images at fixed noise/timesteps."""
+    import numpy as np
+    from PIL import Image
+
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    images = sorted(p for p in data.rglob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64)), dtype=np.float32))
+                          .permute(2, 0, 1) / 127.5 - 1 for p in images])
+    captions = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "tinychar"
+                for p in images]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * 0.18215
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        cond = pipe.text_encoder(ids)[0]
+        total = 0.0
+        for t in (200, 500, 800):
+            noise = torch.randn(latents.shape, generator=g)
+            ts = torch.full((latents.shape[0],), t)
+            from diffusers import DDPMScheduler
+
+            sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+            pred = pipe.unet(sched.add_noise(latents, noise, ts), ts, cond).sample
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / 3
+
+
+def test_sd1_run_writes_kohya_files_that_lower_the_loss(tiny_sd1_dir, data_copy, tmp_path):
+    from loratools.tiny import build_pipeline
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# comment\ntinychar, red circle --n blurry --w 64 --h 64 --d 42 --l 5.5 --s 2 --ss euler\n")
+    out = tmp_path / "out"
+    cfg = resolve_config(_args(
+        tiny_sd1_dir, data_copy, out, "--max_train_steps", "6", "--network_args", "conv_dim=2", "conv_alpha=1",
+        "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.34", "--cache_latents", "--cache_latents_to_disk",
+        "--shuffle_caption", "--keep_tokens", "1", "--noise_offset", "0.05", "--multires_noise_iterations", "2",
+        "--min_snr_gamma", "5", "--scale_weight_norms", "5", "--save_every_n_steps", "2", "--save_last_n_steps", "2",
+        "--sample_prompts", str(prompts), "--sample_every_n_steps", "3", "--sample_sampler", "euler_a",
+        "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "t-",
+        "--save_precision", "fp16", "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128"))
+    result = train(cfg)
+
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    # steps 2, 4, 6 saved; save_last_n_steps=2 keeps the files of the last 2 steps (step 2 removed)
+    assert names == ["tiny-step00000004.safetensors", "tiny-step00000006.safetensors", "tiny.safetensors"]
+    assert result.latents_encoded == 6
+    assert len(list(data_copy.rglob("*_sd.npz"))) == 6
+    assert all(re.fullmatch(r"\d{4}x\d{4}", p.stem.split("_")[-2]) for p in data_copy.rglob("*_sd.npz"))
+
+    reader = open_safetensors(out / "tiny.safetensors")
+    meta = reader.metadata
+    assert [k for k in SPEC_KEYS if k not in meta] == []
+    assert meta["ss_steps"] == "6" and meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"5_tinychar": {"n_repeats": 5, "img_count": 6}}
+    assert sum(json.loads(meta["ss_tag_frequency"])["5_tinychar"].values()) > 0
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == _sshs(out / "tiny.safetensors")
+    modules = {k.split(".")[0] for k in reader}
+    assert all(f"{m}.alpha" in reader for m in modules)
+    assert {reader.info(k).dtype for k in reader} == {"F16"}
+    assert any(m.startswith("lora_te_text_model_encoder_layers_") for m in modules)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in modules  # conv_dim: 3x3 LoCon
+    assert any(reader[k].abs().sum() > 0 for k in reader if "lora_up" in k)
+
+    samples = sorted(p.name for p in (out / "sample").glob("*.png"))
+    assert len(samples) == 2 and all(re.fullmatch(r"tiny_00000[36]_00_\d{14}_42\.png", s) for s in samples)
+    assert list((tmp_path / "logs").glob("t-*/**/events.out.tfevents.*"))
+
+    base = _eval_loss(build_pipeline("sd1"), data_copy)
+    trained = _eval_loss(build_pipeline("sd1"), data_copy, lora=out / "tiny.safetensors")
+    assert trained < base
+
+    # the cache is reused from disk by a second run (no VAE encode)
+    again = train(resolve_config(_args(tiny_sd1_dir, data_copy, tmp_path / "out2", "--max_train_steps", "1",
+                                       "--cache_latents_to_disk", "--enable_bucket", "--min_bucket_reso", "64",
+                                       "--max_bucket_reso", "128")))
+    assert (again.latents_encoded, again.latents_reused) == (0, 6)
+
+
+def test_continue_from_network_weights_and_same_seed_is_reproducible(tiny_sd1_dir, tiny_dataset, tmp_path):
+    first = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "a", "--max_train_steps", "2",
+                                       "--network_train_unet_only")))
+    again = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "b", "--max_train_steps", "2",
+                                       "--network_train_unet_only")))
+    assert first.losses == again.losses
+    start = open_safetensors(first.final_file)
+    cont = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "c", "--max_train_steps", "1",
+                                      "--network_train_unet_only", "--network_dim", "8",
+                                      "--network_weights", str(first.final_file))))
+    end = open_safetensors(cont.final_file)
+    assert set(end.keys()) == set(start.keys())  # ranks and modules come from the file
+    assert all(end[k].shape == start[k].shape for k in start)
+    assert not any(k.startswith("lora_te") for k in end)
