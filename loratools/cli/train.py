@@ -74,9 +74,7 @@ def train(
         from loratools.errors import UsageError
 
         raise UsageError("--pretrained_model_name_or_path is required (a diffusers folder or a .safetensors/.ckpt file)")
-    for message in cfg.warnings:
-        warn(message)
-    from trainer.run import train as run_train
+    from trainer.run import train as run_train  # prints cfg.warnings once, on the main process
 
     run_train(cfg)
 
