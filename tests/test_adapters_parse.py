@@ -216,3 +216,20 @@ def test_lokr_both_full_ignores_alpha():
     m = parse_adapter(t).modules["lora_unet_k"]
     assert m.rank is None and m.scale == 1.0
     assert describe_header({k: tuple(v.shape) for k, v in t.items()}).modules["lora_unet_k"].alpha_key is None
+
+
+def test_load_adapter_reads_safetensors_and_pickles(tmp_path):
+    from loratools.adapters import load_adapter
+    from loratools.io.writer import save_tensors
+
+    t = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4, dtype=torch.float16),
+         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(3, 2, dtype=torch.float16),
+         "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0, dtype=torch.float16)}
+    save_tensors(tmp_path / "a.safetensors", t, {"ss_network_dim": "2"})
+    torch.save(t, tmp_path / "a.pt")
+    for name in ("a.safetensors", "a.pt"):
+        f = load_adapter(tmp_path / name)
+        m = f.modules["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+        assert f.path == tmp_path / name and f.naming == "kohya" and m.scale == 0.5
+        torch.testing.assert_close(m.delta(), torch.full((3, 4), 1.0))
+    assert load_adapter(tmp_path / "a.safetensors").metadata == {"ss_network_dim": "2"}

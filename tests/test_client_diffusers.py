@@ -1,0 +1,116 @@
+"""A real client: diffusers' own ``load_lora_weights`` against this layer's deltas.
+
+For every input format diffusers reads, on tiny SD1-like and SDXL-like pipelines (fp32, CPU):
+the image from ``pipe.load_lora_weights(file)`` equals the image from the base weights plus the
+deltas ``parse_adapter`` computes; and both ``convert`` outputs (kohya, PEFT) give diffusers that
+same image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loratools.adapters import load_adapter
+from loratools.io.writer import save_tensors
+from loratools.keys.unet_blocks import UNetBlockTable
+from loratools.ops.convert import ConvertOptions, ModulePaths, convert
+from loratools.tiny import build_pipeline, make_lora, render
+
+TOLERANCE = 5e-5  # images in [0, 1]; observed differences are ~1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~40x faster than two on the shared, loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _diffusers_format(tensors: dict) -> dict:
+    """PEFT keys as diffusers' training scripts save them: `lora.down` (UNet), `lora_linear_layer` (TE)."""
+    out = {}
+    for k, v in tensors.items():
+        inner = ".lora." if k.startswith("unet.") else ".lora_linear_layer."
+        out[k.replace(".lora_A.weight", f"{inner}down.weight").replace(".lora_B.weight", f"{inner}up.weight")] = v
+    return out
+
+
+def _legacy_format(tensors: dict) -> dict:
+    """UNet attention LoRA as the old attention processors named it: `attn1.processor.to_q_lora.down`."""
+    out = {}
+    for k, v in tensors.items():
+        if not k.startswith("unet.") or ".attn" not in k:
+            continue
+        head, _, suffix = k.partition(".lora_")
+        head = head.replace(".to_out.0", ".to_out")
+        attn, _, proj = head.rpartition(".")
+        out[f"{attn}.processor.{proj}_lora.{'down' if suffix.startswith('A') else 'up'}.weight"] = v
+    return out
+
+
+# id, arch, kind, make_lora naming, rewrite of the PEFT file (None: the file as made)
+FORMATS = [
+    ("sd1-kohya-locon", "sd1", "locon", "kohya", None),
+    ("sd1-peft", "sd1", "lora", "peft", None),
+    ("sd1-diffusers", "sd1", "lora", "peft", _diffusers_format),
+    ("sd1-legacy-processor", "sd1", "lora", "peft", _legacy_format),
+    ("sdxl-kohya-sgm-locon", "sdxl", "locon", "kohya", None),
+    ("sdxl-kohya-diffusers-names", "sdxl", "lora", "kohya_diffusers", None),
+    ("sdxl-peft-locon", "sdxl", "locon", "peft", None),
+    ("sdxl-diffusers", "sdxl", "lora", "peft", _diffusers_format),
+]
+
+
+def _with_deltas(arch: str, path) -> object:
+    """A fresh pipeline whose weights are the base plus this layer's delta of every module."""
+    pipe = build_pipeline(arch, seed=0)
+    adapter = load_adapter(path)
+    assert adapter.unknown == {}
+    paths = ModulePaths(UNetBlockTable.from_config(pipe.unet.config))
+    with torch.no_grad():
+        for name, module in adapter.modules.items():
+            component, path_ = paths.locate(name)
+            model = getattr(pipe, component)
+            try:
+                layer = model.get_submodule(path_)
+            except AttributeError:  # transformers 5 CLIPTextModel has no `text_model.` level
+                layer = model.get_submodule(path_.removeprefix("text_model."))
+            layer.weight += module.delta(layer.weight).reshape(layer.weight.shape)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base_images() -> dict[str, np.ndarray]:
+    return {arch: render(build_pipeline(arch, seed=0)) for arch in ("sd1", "sdxl")}
+
+
+def _loaded(arch: str, path) -> np.ndarray:
+    pipe = build_pipeline(arch, seed=0)
+    pipe.load_lora_weights(str(path))
+    return render(pipe)
+
+
+@pytest.mark.parametrize("case", FORMATS, ids=[c[0] for c in FORMATS])
+def test_diffusers_image_equals_base_plus_deltas(case, base_images, tmp_path, request):
+    _, arch, kind, naming, rewrite = case
+    base_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    made = make_lora(build_pipeline(arch, seed=0), arch, kind, rank=4, alpha=2.0, naming=naming,
+                     dtype=torch.float32, strength=0.5)
+    src = tmp_path / "in.safetensors"
+    tensors = made.tensors if rewrite is None else rewrite(made.tensors)
+    save_tensors(src, tensors, made.metadata)
+
+    expected = render(_with_deltas(arch, src))
+    assert np.abs(expected - base_images[arch]).max() > 1e-2  # the adapter visibly changes the image
+    diffs = {"input": float(np.abs(_loaded(arch, src) - expected).max())}
+
+    for to in ("kohya", "peft"):
+        out = tmp_path / f"out_{to}.safetensors"
+        convert(ConvertOptions(src, out, to, base=base_dir))
+        diffs[to] = float(np.abs(_loaded(arch, out) - expected).max())
+    print(case[0], diffs)
+    assert max(diffs.values()) < TOLERANCE, diffs
