@@ -205,3 +205,28 @@ def test_persistent_workers_follow_set_epoch(tmp_path: Path):
         reference.set_epoch(epoch)
         assert order == [reference[i]["image_keys"] for i in range(len(reference))]
     assert orders[0] != orders[1]
+
+
+def test_legacy_cache_name_and_sharded_caching(dataset_dir: Path):
+    folder = dataset_dir / "2_thing"
+    # an older sd-scripts cache <stem>.npz with latents of the right shape is reused as is
+    np.savez(folder / "sq.npz", latents=np.full((4, 8, 8), 0.5, dtype=np.float32))
+    first = build_dataset(_cfg(dataset_dir, "--cache_latents_to_disk"))
+    report = first.cache_latents(fake_vae, to_disk=True, shard=(0, 2))
+    assert report.reused == 1 and report.encoded == 1          # 2 left to encode, this process takes 1
+    second = build_dataset(_cfg(dataset_dir, "--cache_latents_to_disk"))
+    assert second.cache_latents(fake_vae, to_disk=True, shard=(1, 2)).encoded == 1
+    done = build_dataset(_cfg(dataset_dir, "--cache_latents_to_disk"))
+    assert done.cache_latents(refuse, to_disk=True).reused == 3
+    latents = [done[i]["latents"] for i in range(len(done))]
+    assert any(torch.all(t == 0.5) for batch in latents for t in batch)
+
+
+def test_validation_part(dataset_dir: Path):
+    assert build_dataset(_cfg(dataset_dir), validation=True) is None
+    cfg = _cfg(dataset_dir, "--validation_split", "0.34", "--validation_seed", "1")
+    train, val = build_dataset(cfg), build_dataset(cfg, validation=True)
+    train_keys = {k for layout in train.layouts for k in layout.images}
+    val_keys = {k for layout in val.layouts for k in layout.images}
+    assert len(train_keys) == 2 and len(val_keys) == 1 and not train_keys & val_keys
+    assert train.plan.num_validation_images == 2 and train.num_train_images == 4  # x2 repeats
