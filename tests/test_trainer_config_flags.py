@@ -209,3 +209,13 @@ def test_every_field_has_group_and_help():
     for f in dataclasses.fields(TrainConfig):
         if not f.metadata.get("internal"):
             assert f.metadata["group"] and f.metadata["help"], f.name
+
+
+def test_use_reentrant_flag_is_accepted_without_effect(tmp_path: Path):
+    cfg = resolve_config(["--use_reentrant=False", "--network_dim", "4", "--use-reentrant", "false", "--use_reentrant"])
+    assert cfg.network_dim == 4
+    assert sum("has no effect: no trainer option" in w for w in cfg.warnings) == 3
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("use_reentrant = false\nnetwork_dim = 2\n", encoding="utf-8")
+    cfg = resolve_config(["--config", str(recipe)])
+    assert cfg.network_dim == 2 and any("use_reentrant has no effect" in w for w in cfg.warnings)

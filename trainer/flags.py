@@ -25,6 +25,11 @@ FLAG_ALIASES = {
 VALUE_ALIASES = {
     ("save_precision", "fp32"): "float",
 }
+# Flags some guides pass that no trainer reads: accepted, consumed with their value, reported.
+IGNORED_FLAGS = {
+    "use_reentrant": "no trainer option of that name exists "
+                     "(the Hungarian guide passes it inside --network_args, where LyCORIS ignores it too)",
+}
 # accelerate's own options, which belong before the program name.
 _ACCELERATE_FLAGS = {"num_processes", "multi_gpu", "num_machines", "gpu_ids", "num_cpu_threads_per_process",
                      "machine_rank", "main_process_ip", "main_process_port"}
@@ -216,6 +221,14 @@ def parse_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             raise UsageError(f"unexpected argument {token!r}: training options are written --name=value "
                              f"or --name value (a list after --network_args is written k=v k=v)")
         raw_name, has_eq, inline = token[2:].partition("=")
+        if raw_name.replace("-", "_") in IGNORED_FLAGS:
+            i += 1
+            if not has_eq and i < len(argv) and not argv[i].startswith("--"):
+                inline = argv[i]
+                i += 1
+            shown = f"--{raw_name}" + (f"={inline}" if inline else "")
+            notes.append(f"{shown} has no effect: {IGNORED_FLAGS[raw_name.replace('-', '_')]}")
+            continue
         name = canonical_name(raw_name)
         if raw_name.replace("-", "_") != name and raw_name.replace("-", "_") in FLAG_ALIASES:
             notes.append(f"--{raw_name} is read as --{name}")
@@ -277,6 +290,9 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     for key, raw, section in _flatten(data):
         where = f"{path}: [{section}] " if section else f"{path}: "
         name = key.replace("-", "_")
+        if name in IGNORED_FLAGS:
+            notes.append(f"{path}: {key} has no effect: {IGNORED_FLAGS[name]}")
+            continue
         if name not in fields and name not in FLAG_ALIASES and isinstance(raw, dict):
             raise UsageError(f"table [{section + '.' if section else ''}{key}] is nested too deeply; recipes "
                              f"group flags in one level of tables", path=path)
