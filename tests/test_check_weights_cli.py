@@ -1,0 +1,83 @@
+"""`loratools check weights` end to end as a subprocess: exit codes 0/1/2, --json, --csv, --fail-on."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loratools.io import save_tensors
+from test_check_weights_op import SD1_LAST, _kill, fixture_lora
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loratools", "check", "weights", *args], capture_output=True,
+                          text=True, timeout=180)
+
+
+def in_process(*args: str):
+    """The same command through typer's runner (no interpreter start; torch already imported)."""
+    from typer.testing import CliRunner
+
+    from loratools.cli.app import app
+
+    return CliRunner().invoke(app, ["check", "weights", *args])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cwcli")
+    t, meta = fixture_lora("lora_kohya_sd15_lora.json", dtype=torch.float16)
+    for m in SD1_LAST:
+        _kill(t, m, "dead")
+    save_tensors(d / "normal.safetensors", t, meta)
+    _kill(t, "lora_unet_down_blocks_0_attentions_0_proj_in", "dead")
+    save_tensors(d / "dead.safetensors", t, meta)
+    return d / "normal.safetensors", d / "dead.safetensors"
+
+
+def test_normal_file_passes(files):
+    normal, _ = files
+    r = run(str(normal))
+    assert r.returncode == 0, r.stderr
+    assert "6 dead, all expected (text-encoder layer 11 is unused at clip skip 2)" in " ".join(r.stdout.split())
+    assert "OK" in r.stdout
+
+
+def test_problem_file_fails_and_json(files):
+    normal, dead = files
+    r = run(str(normal), str(dead), "--json")
+    assert r.returncode == 1
+    docs = json.loads(r.stdout)
+    assert [d["failed"] for d in docs] == [False, True]
+    assert docs[1]["counts"] == {"ok": 257, "dead": 7}
+    module = next(m for m in docs[1]["modules"] if m["name"] == "lora_unet_down_blocks_0_attentions_0_proj_in")
+    assert module["status"] == "dead" and module["expected"] is None and module["delta_norm"] == 0.0
+    r = in_process(str(dead), "--fail-on", "nan,underflow")
+    assert r.exit_code == 0, r.output
+
+
+def test_csv_columns(files):
+    normal, _ = files
+    r = in_process(str(normal), "--csv")
+    assert r.exit_code == 0
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert rows[0] == ["key", "shape", "mean|w|", "min|w|"] and len(rows) == 1 + 2 * 264
+    by_key = {row[0]: row for row in rows[1:]}
+    up = by_key["lora_te_text_model_encoder_layers_11_mlp_fc2.lora_up.weight"]
+    assert up[1] == "(768-2)" and float(up[2]) == 0.0 and float(up[3]) == 0.0
+
+
+def test_bad_input_exit_2(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    r = run(str(bad))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "too short" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run(str(tmp_path / "bad.safetensors"), "--fail-on", "zombie")
+    assert r.returncode == 2 and "unknown status" in r.stderr
