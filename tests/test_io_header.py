@@ -92,6 +92,15 @@ def test_missing_and_directory(tmp_path):
         read_header(tmp_path)
 
 
+def test_pickle_checkpoint_named(tmp_path):
+    import torch
+
+    p = tmp_path / "model.safetensors"
+    torch.save({"w": torch.ones(1)}, p)  # a renamed .pt file
+    with pytest.raises(InvalidFileError, match="PyTorch checkpoint"):
+        read_header(p)
+
+
 def test_deep_nesting(tmp_path):
     body = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
     with pytest.raises(InvalidFileError):

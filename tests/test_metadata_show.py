@@ -77,7 +77,12 @@ def test_show_sd15(sd15):
     assert s.modelspec["architecture"] == "stable-diffusion-v1/lora"
     doc = s.to_json()
     assert doc["metadata"]["raw"]["ss_clip_skip"] == "2" and doc["metadata"]["decoded"]["ss_clip_skip"] == 2
+    assert "tensors" not in doc
     json.dumps(doc)
+    listed = {t["name"]: t for t in s.to_json(keys=True)["tensors"]}
+    assert len(listed) == 792
+    assert listed["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] == {
+        "name": "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "dtype": "F16", "shape": [1, 768]}
 
 
 def test_show_sdxl_and_contradiction(tmp_path):

@@ -58,8 +58,10 @@ def weights(
         for r in reports:
             for m in r.modules:
                 for t in m.tensors:
-                    w.writerow([t.key, "(" + "-".join(str(d) for d in t.shape) + ")", f"{t.mean_abs:.8g}",
-                                f"{t.min_abs:.8g}"])
+                    # Python float repr, as sd-scripts prints: the seed guides count zero tensors
+                    # by searching the dump for lines ending in "0.0"
+                    w.writerow([t.key, "(" + "-".join(str(d) for d in t.shape) + ")", repr(t.mean_abs),
+                                repr(t.min_abs)])
     else:
         for r in reports:
             _render(r, all_modules)

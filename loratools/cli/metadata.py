@@ -30,6 +30,7 @@ def show(
     files: FilesArg,
     json_out: JsonOpt = False,
     top_tags: Annotated[int, typer.Option("--top-tags", min=0, help="Trigger-word candidates to list.")] = 12,
+    keys: Annotated[bool, typer.Option("--keys", help="Also list every tensor with dtype and shape.")] = False,
 ) -> None:
     """Summarise adapters: architecture, types, ranks, training record, trigger words.
 
@@ -43,11 +44,16 @@ def show(
     if json_out:
         from loratools.cli.output import print_json
 
-        docs = [s.to_json() for s in summaries]
+        docs = [s.to_json(keys=keys) for s in summaries]
         print_json(docs[0] if len(docs) == 1 else docs)
         return
     for s in summaries:
         _render_summary(s)
+        if keys:
+            from loratools.cli.output import console, table
+
+            console.print(table("Tensors", ["name", "dtype", "shape"],
+                                [(n, d, "x".join(map(str, sh)) or "scalar") for n, d, sh in s.tensors]))
 
 
 def _render_summary(s: Any) -> None:

@@ -90,9 +90,17 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             if size < 8:
                 raise _fail(p, f"file is {size} bytes, too short for a safetensors header (needs at least 8); "
                                "the file is empty or truncated")
-            (n,) = struct.unpack("<Q", fh.read(8))
+            first = fh.read(9)
+            if first[8:9] != b"{":  # every safetensors header is a JSON object right after the length
+                if first.startswith(b"PK\x03\x04") or first[:1] == b"\x80":
+                    raise _fail(p, "is a PyTorch checkpoint (zip/pickle), not safetensors; commands that take "
+                                   ".ckpt/.pt read it directly, or convert it to .safetensors first")
+                if len(first) == 9:
+                    _check_length(p, struct.unpack("<Q", first[:8])[0], size)
+                    raise _fail(p, "header does not start with '{'; not a safetensors file")
+            (n,) = struct.unpack("<Q", first[:8])
             _check_length(p, n, size)
-            raw = fh.read(n)
+            raw = first[8:] + fh.read(n - 1) if n else b""
     except FileNotFoundError:
         raise _fail(p, "file not found") from None
     except PermissionError:

@@ -110,9 +110,12 @@ class MetadataSummary:
     comment: str | None = None
     modelspec: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
+    tensors: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)  # name, dtype, shape
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, *, keys: bool = False) -> dict[str, Any]:
+        """Everything, raw and decoded metadata included; ``keys`` adds every tensor's dtype and shape."""
+        extra = {"tensors": [{"name": n, "dtype": d, "shape": list(sh)} for n, d, sh in self.tensors]} if keys else {}
+        return extra | {
             "path": str(self.path), "file_size": self.file_size, "header_size": self.header_size,
             "tensor_count": self.tensor_count, "dtypes": self.dtypes,
             "architecture": {"arch": self.arch, "label": self.arch_label, "evidence": self.arch_source,
@@ -222,7 +225,8 @@ def summarize(path: str | Path, *, top_tags: int = 20) -> MetadataSummary:
     s = MetadataSummary(path=Path(path), file_size=header.file_size, header_size=header.data_offset,
                         tensor_count=len(header.tensors),
                         dtypes=dict(Counter(t.dtype for t in header.tensors.values()).most_common()),
-                        raw=raw, decoded=decoded)
+                        raw=raw, decoded=decoded,
+                        tensors=[(t.name, t.dtype, t.shape) for t in header.tensors.values()])
     _describe_modules(s, header)
     _describe_training(s, decoded, top_tags)
     return s
