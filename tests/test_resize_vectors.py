@@ -172,3 +172,63 @@ def test_size_below_minimum_raises():
     r, scores, spectra, layers, size_of = _size_setup()
     with pytest.raises(ValueError):
         fit_size(scores, spectra, layers, r, lambda ranks, thr: 100 + size_of(ranks, thr), 50)
+
+
+# ---- through the engine: written factors, alphas, shapes, sizes (vectors 7, 8, 12) -------
+def _write(tmp_path, layers):
+    from loratools.io import save_tensors
+
+    t = {}
+    for name, (sigma, out, inp, alpha, kernel, seed) in layers.items():
+        up, down = factors(sigma, out, inp * kernel * kernel, seed)
+        r = len(sigma)
+        if kernel > 1:
+            up, down = up.reshape(out, r, 1, 1), down.reshape(r, inp, kernel, kernel)
+        t.update({f"{name}.lora_up.weight": up.half(), f"{name}.lora_down.weight": down.half(),
+                  f"{name}.alpha": torch.tensor(float(alpha)).half()})
+    path = tmp_path / "v.safetensors"
+    save_tensors(path, t, {"ss_network_dim": "4"})
+    return path
+
+
+def test_vector_8_factors_alpha_and_spectrum(tmp_path):
+    from loratools.io import open_safetensors
+    from loratools.ops.resize import Resizer
+
+    path = _write(tmp_path, {"lora_unet_d": ([8, 4, 2, 1], 64, 32, 1, 1, 0),
+                             "lora_unet_c": ([8, 4, 2, 1, 0.5], 64, 32, 5, 1, 1)})
+    res = Resizer(None).resize(path, "spn_lora,thr=-0.5:fro_ckpt=0,spn_lora=3,fro_lora=1,thr=-0.9", output=tmp_path)
+    sd = open_safetensors(res.outcomes[0].path)
+    assert res.outcomes[0].path.name == "v_spnlora1_th-0.5.safetensors"
+    assert sd["lora_unet_d.alpha"].dtype == torch.float32 and float(sd["lora_unet_d.alpha"]) == 0.5
+    up, down = sd["lora_unet_d.lora_up.weight"].float(), sd["lora_unet_d.lora_down.weight"].float()
+    assert up.norm(dim=0).tolist() == pytest.approx([2.828, 2.0], abs=2e-3)
+    assert down.norm(dim=1).tolist() == pytest.approx([2.828, 2.0], abs=2e-3)
+    assert (torch.linalg.svdvals(0.25 * up @ down)[:3]).tolist() == pytest.approx([2.0, 1.0, 0.0], abs=2e-3)
+
+
+def test_vector_7_dropped_layer_writes_no_keys(tmp_path):
+    from loratools.io import open_safetensors
+    from loratools.ops.resize import Resizer
+
+    path = _write(tmp_path, {"lora_unet_c": ([8, 4, 2, 1, 0.5], 64, 32, 5, 1, 1),
+                             "lora_unet_big": ([800, 400], 64, 32, 2, 1, 2)})
+    (o,) = Resizer(None).resize(path, "params=1,thr=-0.5", output=tmp_path).outcomes
+    assert o.layers_dropped == ["lora_unet_c"]
+    assert not any(k.startswith("lora_unet_c.") for k in open_safetensors(o.path))
+
+
+def test_vector_12_conv_shapes_and_bytes_per_rank(tmp_path):
+    from loratools.ops.resize import Resizer
+
+    path = _write(tmp_path, {"lora_unet_e": ([8, 4], 320, 320, 2, 3, 3)})
+    rz = Resizer(None)
+    one, two = (rz.resize(path, f"rank={k}", dry_run=True).outcomes[0] for k in (1, 2))
+    assert two.size_after - one.size_after in range(6400, 6400 + 16)  # + a few header bytes
+    (o,) = rz.resize(path, "rank=1", output=tmp_path).outcomes
+    from loratools.io import open_safetensors
+
+    sd = open_safetensors(o.path)
+    assert sd["lora_unet_e.lora_down.weight"].shape == (1, 320, 3, 3)
+    assert sd["lora_unet_e.lora_up.weight"].shape == (320, 1, 1, 1)
+    assert o.path.stat().st_size == one.size_after  # the prediction is the written size, to the byte

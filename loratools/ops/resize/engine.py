@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from loratools.adapters import AdapterFile, AdapterModule
+    from loratools.io import ModelSource
 
 DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
           "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
@@ -120,7 +121,8 @@ class Resizer:
     """Resize LoRAs against one base checkpoint (or none), reusing the base across files.
 
     Args:
-        base: a single-file checkpoint or a diffusers folder, or None (checkpoint-free recipes).
+        base: a single-file checkpoint or a diffusers folder (or an open ``loratools.io.ModelSource``),
+            or None (checkpoint-free recipes only).
         cache_dir: folder of the norm cache; ``"default"`` = user cache folder, None = no cache.
         device: "cpu" or a torch device for the decompositions ("cuda").
         factor_cache_bytes: singular vectors kept in memory between scoring and writing.
@@ -131,30 +133,32 @@ class Resizer:
         >>> print(out.outcomes[0].summary_line())
     """
 
-    def __init__(self, base: str | Path | None = None, *, cache_dir: str | Path | None = "default",
-                 device: str = "cpu", factor_cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, base: str | Path | ModelSource | None = None, *, cache_dir: str | Path | None = "default",
+                 device: str = "cpu", factor_cache_bytes: int = 64 << 20) -> None:
         from loratools.ops.resize.cache import NormCache, checkpoint_identity, default_cache_dir
 
-        self.base_path = None if base is None else Path(base)
         self.device = device
         self.factor_cache_bytes = factor_cache_bytes
         self.model = self.index = self.arch = None
         self.cache: NormCache | None = None
-        if self.base_path is not None:
-            from loratools.io import open_model
-            from loratools.keys.arch import detect_checkpoint_arch
-            from loratools.keys.index import BaseIndex
+        self.base_path: Path | None = None
+        if base is None:
+            return
+        from loratools.io import open_model
+        from loratools.keys.arch import detect_checkpoint_arch
+        from loratools.keys.index import BaseIndex
 
-            self.model = open_model(self.base_path)
-            self.arch = detect_checkpoint_arch(self.model)
-            self.index = BaseIndex.from_model(self.model)
-            folder = default_cache_dir() if cache_dir == "default" else (None if cache_dir is None else Path(cache_dir))
-            self.cache = NormCache(folder, checkpoint_identity(self._base_files()))
+        self.model = open_model(base) if isinstance(base, (str, Path)) else base
+        self.base_path = Path(self.model.path)
+        self.arch = detect_checkpoint_arch(self.model)
+        self.index = BaseIndex.from_model(self.model)
+        files = self._base_files()
+        folder = default_cache_dir() if cache_dir == "default" else (None if cache_dir is None else Path(cache_dir))
+        if files and folder is not None:  # an in-memory source has no identity to key a cache by
+            self.cache = NormCache(folder, checkpoint_identity(files))
 
     def _base_files(self) -> list[Path]:
-        files = getattr(self.model, "all_files", None)
-        found = files() if callable(files) else files
-        return list(found) if found else [self.base_path]  # type: ignore[list-item]
+        return list(self.model.all_files()) if self.model is not None else []
 
     # ------------------------------------------------------------------------------------
     def resize(self, lora: str | Path, recipes: str | Sequence[Recipe], *, output: str | Path | None = None,
@@ -511,17 +515,14 @@ class Resizer:
             outcome.status = "exists"
             outcome.size_after = path.stat().st_size
             return outcome
-        check_output_path(path, overwrite=overwrite, protected=[lora, *self._protected()])
+        check_output_path(path, overwrite=overwrite, protected=[lora, *self._base_files()])
         produced = self._producer(layers, ranks, orders, recipe, naming, out_dtype, passthrough, alpha_for,
                                   progress, len(specs))
         written = write_safetensors(path, specs, produced, meta, overwrite=overwrite,
-                                    protected=[lora, *self._protected()], sshs_hashes=True)
+                                    protected=[lora, *self._base_files()], sshs_hashes=True)
         outcome.status = "written"
         outcome.size_after = written.size
         return outcome
-
-    def _protected(self) -> list[Path]:
-        return self._base_files() if self.model is not None else []
 
     def _producer(self, layers: list[_Layer], ranks: list[int], orders: list[Any], recipe: Recipe, naming: str,
                   out_dtype: torch.dtype, passthrough: Mapping[str, torch.Tensor],
