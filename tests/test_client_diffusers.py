@@ -61,7 +61,6 @@ FORMATS = [
     ("sdxl-kohya-sgm-locon", "sdxl", "locon", "kohya", None),
     ("sdxl-kohya-diffusers-names", "sdxl", "lora", "kohya_diffusers", None),
     ("sdxl-peft-locon", "sdxl", "locon", "peft", None),
-    ("sdxl-diffusers", "sdxl", "lora", "peft", _diffusers_format),
 ]
 
 
@@ -113,4 +112,42 @@ def test_diffusers_image_equals_base_plus_deltas(case, base_images, tmp_path, re
         convert(ConvertOptions(src, out, to, base=base_dir))
         diffs[to] = float(np.abs(_loaded(arch, out) - expected).max())
     print(case[0], diffs)
+    assert max(diffs.values()) < TOLERANCE, diffs
+
+
+def _peft_metadata(tensors: dict, r: int, alpha: float) -> dict[str, str]:
+    """diffusers' `lora_adapter_metadata`: each component's LoraConfig as `<component>.<field>` JSON,
+    with an `alpha_pattern` entry that gives one UNet module its own alpha."""
+    import json
+
+    from peft import LoraConfig
+
+    flat = {}
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        # without `text_model.`: PEFT matches by suffix, and transformers 5's CLIPTextModel lacks that level
+        modules = sorted({k[len(comp) + 1:].rsplit(".lora_", 1)[0].removeprefix("text_model.")
+                          for k in tensors if k.startswith(comp + ".")})
+        if not modules:
+            continue
+        pattern = {modules[0]: 3 * alpha} if comp == "unet" else {}
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, alpha_pattern=pattern).to_dict()
+        flat.update({f"{comp}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(flat, sort_keys=True)}
+
+
+@pytest.mark.parametrize("arch", ["sdxl"])
+def test_peft_alpha_from_adapter_metadata_matches_diffusers(arch, tmp_path, request):
+    base_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    made = make_lora(build_pipeline(arch, seed=0), arch, "lora", rank=4, alpha=4.0, naming="peft",
+                     dtype=torch.float32, strength=0.3)
+    src = tmp_path / "in.safetensors"
+    save_tensors(src, made.tensors, _peft_metadata(made.tensors, 4, 6.0))  # scale 1.5, one module 4.5
+    scales = {m.scale for m in load_adapter(src).modules.values()}
+    assert scales == {1.5, 4.5}
+    expected = render(_with_deltas(arch, src))
+    diffs = {"input": float(np.abs(_loaded(arch, src) - expected).max())}
+    for to in ("kohya", "peft"):
+        out = tmp_path / f"out_{to}.safetensors"
+        convert(ConvertOptions(src, out, to, base=base_dir))
+        diffs[to] = float(np.abs(_loaded(arch, out) - expected).max())
     assert max(diffs.values()) < TOLERANCE, diffs

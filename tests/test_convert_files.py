@@ -138,3 +138,21 @@ def test_cli_end_to_end(tiny_sdxl, tmp_path):
     again = subprocess.run([sys.executable, "-m", "loratools", "convert", str(src), "--to", "kohya", "-o", str(out)],
                            capture_output=True, text=True, timeout=120, env=_ENV)
     assert again.returncode == 2 and "error:" in again.stderr and str(out) in again.stderr
+
+
+def test_unknown_keys_and_outside_block_modules_are_kept_and_reported(tmp_path):
+    from loratools.io.writer import save_tensors
+
+    src = tmp_path / "in.safetensors"
+    save_tensors(src, {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
+                       "lora_unet_conv_in.lora_up.weight": torch.ones(320, 2, 1, 1),
+                       "lora_unet_conv_in.alpha": torch.tensor(1.0),
+                       "bundle_emb.star.string_to_param.*": torch.ones(1, 768)}, {"ss_base_model_version": "sd_v1"})
+    out = tmp_path / "out.safetensors"
+    result = convert(ConvertOptions(src, out, "kohya"))
+    assert result.arch == "sd1" and len(result.warnings) == 2
+    assert "lora_unet_conv_in" in result.warnings[0] and "bundle_emb" in result.warnings[1]
+    written = open_safetensors(out)
+    assert "bundle_emb.star.string_to_param.*" in written and "lora_unet_conv_in.alpha" in written
+    peft = convert(ConvertOptions(src, tmp_path / "peft.safetensors", "peft"))
+    assert "unet.conv_in.lora_A.weight" in open_safetensors(peft.output) and len(peft.warnings) == 1

@@ -39,18 +39,15 @@ def convert(
 
     result = run(ConvertOptions(input=lora, output=output, to=to, arch=arch, base=base, dtype=dtype,
                                 overwrite=overwrite))
+    from loratools.cli.output import console, human_bytes, print_json, table, warn
+
+    for message in result.warnings:
+        warn(message)
     if json_out:
         from dataclasses import asdict
 
-        from loratools.cli.output import print_json
-
         print_json(asdict(result))
         return
-    from loratools.cli.output import console, human_bytes, table, warn
-
-    if result.unknown:
-        warn(f"{len(result.unknown)} key(s) no adapter type reads were copied unchanged "
-             f"(first: {result.unknown[0]})")
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(result.kinds.items()))
     console.print(table(None, ("", ""), [
         ("input", f"{result.input} ({result.source_naming} names)"),

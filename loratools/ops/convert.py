@@ -51,6 +51,8 @@ _CLIP_OTHER = ("text_model.final_layer_norm", "text_model.embeddings.token_embed
 # Generous bounds for the generated vocabulary (SDXL: 10 transformer blocks, bigG: 32 layers).
 _MAX_TRANSFORMER_DEPTH = 32
 _MAX_CLIP_LAYERS = 64
+# UNet modules outside the down/mid/up blocks (formats-spec 7.2, 7.3)
+_OUTSIDE_BLOCKS = ("conv_in", "conv_out", "conv_norm_out", "time_embedding.", "add_embedding.")
 _DROPPED_METADATA = ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
 
 
@@ -99,6 +101,7 @@ class ConvertResult:
     kinds: dict[str, int]
     tensors: int
     unknown: list[str] = field(default_factory=list)  # passed through verbatim
+    warnings: list[str] = field(default_factory=list)
     bytes: int = 0
     sshs_model_hash: str | None = None
 
@@ -118,20 +121,24 @@ def convert(options: ConvertOptions) -> ConvertResult:
         >>> convert(ConvertOptions(Path("a.safetensors"), Path("a_peft.safetensors"), "peft"))
     """
     from loratools.adapters import load_adapter
-    from loratools.io.writer import save_tensors
+    from loratools.io.writer import check_output_path, save_tensors
 
+    check_output_path(options.output, overwrite=options.overwrite, protected=_protected(options))
     adapter = load_adapter(options.input)
     arch, table = _arch_and_table(adapter, options)
     names = ModulePaths(table)
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, int] = {}
     unmatched: list[str] = []
+    outside_blocks: list[str] = []
     for module in adapter.modules.values():
         located = names.locate(module.name)
         if located is None:
             unmatched.append(module.source_name)
             continue
         kinds[module.kind] = kinds.get(module.kind, 0) + 1
+        if located[0] == "unet" and located[1].startswith(_OUTSIDE_BLOCKS):
+            outside_blocks.append(module.source_name)
         if options.to == "kohya":
             tensors.update(_kohya_tensors(module, *located, arch, table))
         else:
@@ -154,10 +161,17 @@ def convert(options: ConvertOptions) -> ConvertResult:
     written = save_tensors(options.output, {k: tensors[k].contiguous() for k in sorted(tensors)}, metadata,
                            overwrite=options.overwrite, protected=_protected(options),
                            sshs_hashes=options.to == "kohya")
+    warnings = []
+    if outside_blocks and options.to == "kohya":
+        warnings.append(f"{len(outside_blocks)} module(s) outside the UNet blocks (first: {outside_blocks[0]}): "
+                        "ComfyUI and A1111 load them, diffusers' kohya loader refuses such files")
+    if adapter.unknown:
+        warnings.append(f"{len(adapter.unknown)} key(s) no adapter type reads were copied unchanged "
+                        f"(first: {sorted(adapter.unknown)[0]})")
     return ConvertResult(input=options.input, output=written.path, to=options.to, arch=arch,
                          source_naming=adapter.naming, modules=sum(kinds.values()), kinds=kinds,
-                         tensors=len(tensors), unknown=sorted(adapter.unknown), bytes=written.size,
-                         sshs_model_hash=written.sshs_model_hash)
+                         tensors=len(tensors), unknown=sorted(adapter.unknown), warnings=warnings,
+                         bytes=written.size, sshs_model_hash=written.sshs_model_hash)
 
 
 def _protected(options: ConvertOptions) -> list[Path]:
