@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,14 @@ def test_csv_columns(files):
     assert up[1] == "(768-2)" and up[2] == "0.0" and up[3] == "0.0"
     # the seed guide's habit: count lines ending in "0.0"; all-zero tensors are the 6 untrained lora_up
     assert sum(line.endswith(",0.0,0.0") for line in r.stdout.splitlines()) == 6
+
+
+def test_all_lists_ok_modules(files):
+    normal, _ = files
+    only_problems = in_process(str(normal)).stdout
+    everything = in_process(str(normal), "--all").stdout
+    assert len(re.findall(r"\bok *│", only_problems)) == 0 and "expected" in only_problems
+    assert len(re.findall(r"\bok *│", everything)) == 258
 
 
 def test_bad_input_exit_2(tmp_path):

@@ -24,10 +24,10 @@ def fixture_lora(name: str, *, rank: int = 2, dtype=torch.float32, seed: int = 0
     out: dict[str, torch.Tensor] = {}
     for key, info in fx["tensors"].items():
         shape = list(info["shape"])
-        if key.endswith("lora_down.weight"):
+        if key.endswith(("lora_down.weight", "lora_A.weight")):
             shape[0] = rank
             out[key] = (torch.randn(shape, generator=g) * 0.1).to(dtype)
-        elif key.endswith("lora_up.weight"):
+        elif key.endswith(("lora_up.weight", "lora_B.weight")):
             shape[1] = rank
             out[key] = (torch.randn(shape, generator=g) * 0.01).to(dtype)
         elif key.endswith(".alpha"):
@@ -171,3 +171,15 @@ def test_tensor_stats_hand_values():
     assert int((x[x != 0].half() == 0).sum()) == 1
     n = tensor_stats("k", "s", torch.tensor([1.0, float("nan"), float("inf"), -2.0]))
     assert (n.nan, n.inf, n.mean_abs) == (1, 1, 1.5)
+
+
+def test_peft_keys_reported_as_stored(tmp_path):
+    t, meta = fixture_lora("lora_peft_sdxl.json")
+    key = next(k for k in t if k.endswith("lora_B.weight"))
+    t[key] = torch.zeros_like(t[key])
+    p = tmp_path / "peft.safetensors"
+    save_tensors(p, t, meta)
+    r = check_file(p)
+    dead = [m for m in r.modules if m.status == "dead"]
+    assert len(r.modules) == 736 and len(dead) == 1
+    assert {x.key for x in dead[0].tensors} == {key, key.replace("lora_B", "lora_A")}

@@ -237,13 +237,16 @@ def check_module(module: AdapterModule, options: CheckOptions, source: Mapping[s
 
 
 def check_adapter(adapter: AdapterFile, options: CheckOptions = CheckOptions(), *,
-                  path: str | Path | None = None) -> WeightsReport:
+                  path: str | Path | None = None,
+                  file_keys: Mapping[str, Mapping[str, str]] | None = None) -> WeightsReport:
     """Check every module of a parsed adapter.
 
     Args:
         adapter: from ``loratools.adapters.parse_adapter`` / ``load_adapter``.
         options: which statuses fail the check.
         path: for the report.
+        file_keys: module name -> {kohya suffix: key as the file spells it}, so reports name PEFT
+            keys (``...lora_A.weight``) as they are stored; default ``<source_name>.<suffix>``.
     Returns:
         A ``WeightsReport``; ``failed`` is True when a status in ``options.fail_on`` occurred
         in a module whose state is not expected.
@@ -270,7 +273,7 @@ def check_adapter(adapter: AdapterFile, options: CheckOptions = CheckOptions(), 
     checks = []
     with _one_thread():
         for module in adapter.modules.values():
-            c = check_module(module, options)
+            c = check_module(module, options, (file_keys or {}).get(module.name))
             if c.status == "dead":
                 c.expected = _expected_dead(c.name, arch, clip_skip, last_layer)
             checks.append(c)
@@ -300,9 +303,17 @@ def _one_thread() -> Iterator[None]:
 
 def check_file(path: str | Path, options: CheckOptions = CheckOptions()) -> WeightsReport:
     """``check_adapter`` on a file read through ``loratools.io`` (lazily for safetensors)."""
-    from loratools.adapters import load_adapter
+    from loratools.adapters import parse_adapter
+    from loratools.adapters.names import group_keys
+    from loratools.io.checkpoint import open_state_dict
 
-    return check_adapter(load_adapter(path), options, path=path)
+    sd = open_state_dict(path)
+    metadata = getattr(sd, "metadata", None) or {}
+    adapter = parse_adapter(sd, metadata, path=path)
+    info = getattr(sd, "info", None)
+    shapes = {k: tuple(info(k).shape) if info else tuple(sd[k].shape) for k in sd}
+    file_keys = {name: dict(group.keys) for name, group in group_keys(shapes, metadata).modules.items()}
+    return check_adapter(adapter, options, path=path, file_keys=file_keys)
 
 
 def _summarise(report: WeightsReport, options: CheckOptions) -> None:
