@@ -9,7 +9,18 @@ write outputs into the test's own ``tmp_path``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, one intra-op thread per worker: ``-n 2`` on 2 cores with torch's default
+    of one thread per core oversubscribes the CPU, and the tiny models gain nothing from threads.
+    Set before torch is imported (it reads the variable once); subprocesses inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
