@@ -234,3 +234,41 @@ def test_tensors_round_trip_through_parse():
         if not ours.needs_base:
             torch.testing.assert_close(m2.delta(), ours.delta())
         assert math.isfinite(ours.scale)
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 6)
+        self.conv = nn.Conv2d(5, 7, 3, padding=1)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_state_dict_and_config_match_peft_forward(dora):
+    """A raw PEFT model (alpha_pattern, rsLoRA off, DoRA on Linear and Conv2d) against PEFT itself."""
+    import json
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(5)
+    model = _TwoLayers()
+    base = {n: (m.weight.detach().clone(), m.bias.detach().clone()) for n, m in (("lin", model.lin), ("conv", model.conv))}
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["lin", "conv"], use_dora=dora, alpha_pattern={"conv": 2},
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.2)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    metadata = {"lora_adapter_metadata": json.dumps(config.to_dict(), default=sorted)}
+    parsed = parse_adapter(state, metadata)
+    assert parsed.unknown == {} and parsed.naming == "peft"
+    x_lin, x_conv = torch.randn(3, 8), torch.randn(2, 5, 4, 4)
+    with torch.no_grad():
+        expected = {"lin": peft_model.base_model.model.lin(x_lin), "conv": peft_model.base_model.model.conv(x_conv)}
+    for name, x, op in (("lin", x_lin, F.linear), ("conv", x_conv, lambda x, w, b: F.conv2d(x, w, b, padding=1))):
+        m = parsed.modules[f"lora_unet_{name}"]
+        assert m.scale == (2.0 if name == "lin" else 0.5)
+        w, b = base[name]
+        torch.testing.assert_close(op(x, w + m.delta(w).reshape(w.shape), b), expected[name], rtol=1e-5, atol=1e-5)

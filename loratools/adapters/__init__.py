@@ -103,12 +103,29 @@ def _groups(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] |
         raise InvalidFileError(str(exc), path=path) from None
 
 
+def _tensor(tensors: Mapping[str, torch.Tensor], group: ModuleKeys, suffix: str) -> torch.Tensor:
+    """The tensor for a kohya suffix; PEFT's DoRA magnitude is reshaped to LyCORIS' output-axis form.
+
+    PEFT stores ``lora_magnitude_vector`` as ``(out,)`` for Linear but ``(1, out, 1, 1)`` for Conv2d,
+    always per output channel; as ``dora_scale`` that conv shape would read as the input axis.
+    """
+    key = group.keys[suffix]
+    t = tensors[key]
+    if suffix == "dora_scale" and key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight")):
+        down = group.keys.get("lora_down.weight")
+        ndim = len(_shape_of(tensors, down)) if down is not None else 2
+        t = t.reshape(-1, *([1] * (ndim - 1)))
+    return t
+
+
+def _shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    info = getattr(tensors, "info", None)
+    return tuple(info(key).shape) if info is not None else tuple(tensors[key].shape)
+
+
 def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Shapes without reading data: ``loratools.io``'s lazy reader answers from its header."""
-    info = getattr(tensors, "info", None)
-    if info is not None:
-        return {k: tuple(info(k).shape) for k in tensors.keys()}
-    return {k: tuple(tensors[k].shape) for k in tensors.keys()}
+    return {k: _shape_of(tensors, k) for k in tensors.keys()}
 
 
 def parse_adapter(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *,
@@ -131,7 +148,7 @@ def parse_adapter(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     for name, group in groups.modules.items():
         cls = _type_of(group, path)
         used = _usable(cls, group.keys) if cls is not None else []
-        module = cls.parse(name, {s: tensors[group.keys[s]] for s in used}, source_name=group.source_name,
+        module = cls.parse(name, {s: _tensor(tensors, group, s) for s in used}, source_name=group.source_name,
                            alpha=group.alpha) if cls is not None else None
         consumed = set(module.tensors()) if module is not None else set()
         for suffix, key in group.keys.items():
