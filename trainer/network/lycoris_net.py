@@ -1,0 +1,189 @@
+"""`--network_module lycoris.kohya`: LyCORIS algorithms (locon, loha, lokr, ia3, full, dylora, ...)
+through the lycoris-lora package, behind the same surface as `LoRANetwork`.
+
+What this adapter adds around `lycoris.kohya.create_network` (spec 5, "pitfalls"):
+- presets are class-level state in lycoris: the preset is applied right before each network;
+- on SDXL the UNet is a diffusers model here but an SGM model in sd-scripts, whose class/name
+  targets (`TimestepEmbedding`, `conv_in`, `conv_out`, `time_embedding.*`) do not exist there:
+  they are removed so the module set equals what sd-scripts + LyCORIS write;
+- `attn-only` names kohya's attention classes; diffusers' `Attention` is added so it trains the
+  UNet at all;
+- lycoris names modules by the diffusers path (and without `text_model_` under transformers
+  5); saved names are mapped to kohya form (SGM paths for the SDXL UNet) and back on load;
+- `rank_dropout_scale` is not forwarded by lycoris' create_network: it is set on the modules;
+- the `ia3` preset's leaf names are anchored as path suffixes (lycoris' `re.match` on whole
+  paths makes the built-in preset wrap nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from loratools.errors import UsageError
+from trainer.network.names import KohyaNamer
+
+#: network_args lycoris.kohya accepts but never reads (the Hungarian guide passes them).
+IGNORED_BY_LYCORIS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                      "mid_lr_weight", "up_lr_weight", "use_reentrant", "block_lr_zero_threshold")
+_SGM_MISSING_CLASSES = ("TimestepEmbedding",)
+_SGM_MISSING_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+class LycorisAdapter(nn.Module):
+    """A lycoris-lora network with kohya names and the loop's interface."""
+
+    def __init__(self, arch: str, unet, text_encoders, dim: int | None, alpha: float | None, dropout: float | None,
+                 args: Mapping[str, str], *, train_unet: bool, train_text_encoder: bool,
+                 weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        try:
+            from lycoris import kohya as lyco_kohya
+            from lycoris.config import PRESET
+        except ImportError:
+            raise UsageError("--network_module lycoris.kohya needs the lycoris-lora package "
+                             "(pip install 'lycoris-lora>=3.1,<5')") from None
+        self.arch = arch
+        self.ignored = [f"network_args {k} is ignored by lycoris.kohya (sd-scripts + LyCORIS ignore it too)"
+                        for k in IGNORED_BY_LYCORIS if k in args]
+        kwargs = {k: v for k, v in args.items() if k not in IGNORED_BY_LYCORIS}
+        if dropout is not None and "dropout" not in kwargs:
+            kwargs["dropout"] = str(dropout)
+        preset_name = kwargs.get("preset", "full")
+        if preset_name in PRESET:
+            preset = copy.deepcopy(PRESET[preset_name])
+        else:
+            from lycoris.utils.preset import read_preset
+
+            preset = read_preset(preset_name)
+            if preset is None:
+                raise UsageError(f"network_args preset={preset_name}: not a built-in preset "
+                                 f"({', '.join(PRESET)}) nor a readable preset TOML file")
+        if arch == "sdxl":
+            preset["unet_target_module"] = [m for m in preset.get("unet_target_module", [])
+                                            if m not in _SGM_MISSING_CLASSES]
+            preset["unet_target_name"] = [n for n in preset.get("unet_target_name", []) if n not in _SGM_MISSING_NAMES]
+        if preset_name == "ia3" and not preset.get("use_fnmatch"):
+            preset = _anchor_ia3_names(preset)
+        if preset_name == "attn-only":
+            preset["unet_target_module"] = list(preset.get("unet_target_module", [])) + ["Attention"]
+        lyco_kohya.LycorisNetworkKohya.apply_preset(preset)
+        kwargs["preset"] = "__applied__"
+        # create_network re-applies the named preset; hand it ours instead.
+        original = lyco_kohya.PRESET
+        lyco_kohya.PRESET = {**original, "__applied__": preset}
+        try:
+            te_arg = list(text_encoders) if len(text_encoders) > 1 else text_encoders[0]
+            self.net = lyco_kohya.create_network(1.0, dim, alpha, None, te_arg, unet, warn_on_unmatched=False, **kwargs)
+        except AssertionError as exc:  # lycoris validates its arguments with asserts
+            raise UsageError(f"lycoris.kohya rejected the network_args: {exc}") from None
+        finally:
+            lyco_kohya.PRESET = original
+        self.net.apply_to(te_arg, unet, apply_text_encoder=train_text_encoder, apply_unet=train_unet)
+        if _truthy(args.get("rank_dropout_scale", "false")):
+            for module in self.net.loras:
+                module.rank_dropout_scale = True
+        self._to_kohya = self._name_map(unet, text_encoders)
+        self._from_kohya = {v: k for k, v in self._to_kohya.items()}
+        if weights is not None:
+            self.load_kohya_state_dict(weights)
+
+    def _name_map(self, unet, text_encoders) -> dict[str, str]:
+        """lycoris module name -> kohya module name, for every wrapped module."""
+        namer = KohyaNamer(self.arch, unet.config)
+        mapping: dict[str, str] = {}
+        for path, _ in unet.named_modules():
+            if path:
+                mapping[f"lora_unet_{path.replace('.', '_')}"] = path
+        te_prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) > 1 else ["lora_te"]
+        out: dict[str, str] = {}
+        for lora in self.net.loras:
+            name = lora.lora_name
+            if name.startswith("lora_unet_"):
+                out[name] = namer.unet(mapping[name])
+                continue
+            for i, prefix in enumerate(te_prefixes):
+                if name.startswith(prefix + "_"):
+                    path = name[len(prefix) + 1:]
+                    out[name] = namer.text_encoder(i, _te_path(text_encoders[i], path))
+                    break
+        return out
+
+    # -- loop interface -------------------------------------------------------------------
+
+    def apply_to(self) -> None:
+        """The modules were patched in at construction (lycoris patches while registering)."""
+
+    def module_count(self) -> int:
+        return len(self.net.loras)
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.net.set_multiplier(multiplier)
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+        if isinstance(text_encoder_lr, (list, tuple)):
+            if len(set(text_encoder_lr)) > 1:
+                self.ignored.append("lycoris.kohya uses one learning rate for all text encoders; the first is used")
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+        return self.net.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)
+
+    def apply_max_norm_regularization(self, max_norm_value: float):
+        return self.net.apply_max_norm_regularization(max_norm_value, next(self.parameters()).device)
+
+    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
+        """The file content sd-scripts + LyCORIS write, with kohya module names, float32 on CPU."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.net.state_dict().items():
+            name, _, suffix = key.partition(".")
+            value = value.detach()
+            if value.device.type != "meta":
+                value = value.float().cpu().contiguous()
+            out[f"{self._to_kohya.get(name, name)}.{suffix}"] = value
+        return out
+
+    def load_kohya_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        renamed = {}
+        unknown = []
+        for key, value in tensors.items():
+            name, _, suffix = key.partition(".")
+            if name not in self._from_kohya:
+                unknown.append(name)
+                continue
+            renamed[f"{self._from_kohya[name]}.{suffix}"] = value
+        result = self.net.load_state_dict(renamed, strict=False)
+        if result.unexpected_keys:
+            raise UsageError(f"network weights do not fit the chosen algorithm (first unexpected key: "
+                             f"{result.unexpected_keys[0]}); use the same algo/preset as the file")
+        return sorted(set(unknown))
+
+
+def _anchor_ia3_names(preset: dict) -> dict:
+    """lycoris' `ia3` preset lists leaf names (`to_k`, `mlp.fc2`) but matches them with `re.match`
+    against whole module paths, so on its own it wraps nothing; match them as path suffixes."""
+    import re
+
+    def anchor(name: str) -> str:
+        return rf"(.*\.)?{re.escape(name)}$"
+
+    out = dict(preset)
+    for key in ("unet_target_name", "text_encoder_target_name"):
+        out[key] = [anchor(n) for n in preset.get(key, [])]
+    out["name_algo_map"] = {anchor(k): v for k, v in preset.get("name_algo_map", {}).items()}
+    return out
+
+
+def _te_path(text_encoder, underscored: str) -> str:
+    """The dotted module path of a text-encoder module from lycoris' underscored name (looked up
+    in the model's own module list, never by splitting on `_`)."""
+    for path, _ in text_encoder.named_modules():
+        if path.replace(".", "_") == underscored:
+            return path
+    raise UsageError(f"lycoris module {underscored!r} not found in the text encoder")
