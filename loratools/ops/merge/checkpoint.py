@@ -14,6 +14,7 @@ removed).
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loratools.errors import InvalidFileError, OutputExistsError, UnmatchedModulesError, UsageError
+from loratools.io.reader import SafetensorsReader
 from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch, check_finite
 from loratools.ops.merge.provenance import InputRecord, checkpoint_metadata, hash_input, title_of
 from loratools.ops.merge.ratios import WeightedPath
@@ -252,6 +254,7 @@ class _Writer:
         self.progress = progress
         self.total = sum(len(sd) for sd in source.components.values())
         self.done = 0
+        self._pending: tuple[Mapping, str] | None = None
         self.patched = 0
         self.copied = 0
 
@@ -261,6 +264,7 @@ class _Writer:
     def produce(self, component: str, sd: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         from loratools.ops.merge.fuse import fuse
 
+        self.release()  # the writer has written the previous tensor by now
         base = sd[name]
         patches: list[Patch] | None = self.plan.patches.get((component, name))
         dtype = self.dtype_for(base)
@@ -270,10 +274,36 @@ class _Writer:
         else:
             out = base if base.dtype == dtype else base.to(dtype)
             self.copied += 1
+        self._pending = (sd, name)
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
         return out
+
+    def release(self) -> None:
+        """Drop the last tensor's pages from our mapping of the base file.
+
+        The reader maps the whole file; pages it touched stay in this process's RSS until unmapped,
+        so a merge would show the whole checkpoint as resident (clean file pages, reclaimable, but
+        that is what users see in a task manager). ``MADV_DONTNEED`` on a private file mapping whose
+        pages were never written drops them (they stay in the page cache; a later access re-reads
+        the file). Only done for ``loratools.io`` safetensors readers.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        sd, name = pending
+        readers = getattr(sd, "readers", None) or [sd]
+        reader = next((r for r in readers if isinstance(r, SafetensorsReader) and name in r), None)
+        mapping = getattr(reader, "_mm", None)  # the reader's private map; see the report to io
+        if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = reader.info(name)
+        start = reader.header.data_offset + info.begin
+        aligned = start - start % mmap.PAGESIZE
+        length = reader.header.data_offset + info.end - aligned
+        if length > 0:
+            mapping.madvise(mmap.MADV_DONTNEED, aligned, length)
 
     def write_file(self, path: Path, component: str, sd: Mapping[str, torch.Tensor], metadata: dict[str, str],
                    overwrite: bool, protected: Sequence[Path], keys: Sequence[str] | None = None) -> WrittenFile:
@@ -284,9 +314,12 @@ class _Writer:
         for name in names:
             t = sd[name]  # lazy: a view of the mapped file, no data read
             specs.append(TensorSpec(name, self.dtype_for(t), tuple(t.shape)))
-        return write_safetensors(path, specs, lambda n: self.produce(component, sd, n), metadata,
-                                 overwrite=overwrite, protected=protected,
-                                 sshs_hashes=any(k.startswith("sshs_") for k in (getattr(sd, "metadata", None) or {})))
+        try:
+            return write_safetensors(path, specs, lambda n: self.produce(component, sd, n), metadata,
+                                     overwrite=overwrite, protected=protected,
+                                     sshs_hashes=any(k.startswith("sshs_") for k in (getattr(sd, "metadata", None) or {})))
+        finally:
+            self.release()
 
 
 def _component_outputs(source: ModelSource, component: str) -> list[tuple[Path, list[str] | None, Mapping]]:

@@ -66,11 +66,11 @@ def check_arch(base_arch: str, base_path: Path, adapter_arch: str, adapter_path:
 
 def check_finite(adapter: AdapterFile, path: Path) -> None:
     """Fail fast, naming the module, when an adapter file already holds NaN/Inf (its merge would too)."""
-    import torch
+    from loratools.ops.merge.fuse import finite_range
 
     for name, module in adapter.modules.items():
         for suffix, tensor in module.tensors().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not finite_range(tensor):
                 raise NonFiniteError(f"{name}.{suffix} holds NaN or Inf; the merge would be broken. "
                                      "Fix or drop this adapter (`loratools check` shows all such tensors)",
                                      path=path)

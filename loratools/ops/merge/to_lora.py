@@ -216,6 +216,7 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
 
     from loratools.errors import NonFiniteError
     from loratools.io import save_tensors
+    from loratools.ops.merge.fuse import finite_range
     from loratools.io.writer import check_output_path
 
     protected = [wp.path for wp in opts.adapters]
@@ -246,7 +247,7 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
         for suffix, t in combined.items():
             if t.is_floating_point():
                 t = t.to(dtype)
-                if not bool(torch.isfinite(t).all()):
+                if not finite_range(t, torch.finfo(dtype).max):
                     raise NonFiniteError(f"{name}.{suffix}: combined tensor overflows {dtype}; "
                                          "lower the weights or use --dtype fp32")
             tensors[f"{name}.{suffix}"] = t.contiguous()
