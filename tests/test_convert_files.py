@@ -156,3 +156,16 @@ def test_unknown_keys_and_outside_block_modules_are_kept_and_reported(tmp_path):
     assert "bundle_emb.star.string_to_param.*" in written and "lora_unet_conv_in.alpha" in written
     peft = convert(ConvertOptions(src, tmp_path / "peft.safetensors", "peft"))
     assert "unet.conv_in.lora_A.weight" in open_safetensors(peft.output) and len(peft.warnings) == 1
+
+
+def test_dtype_option_casts_float_tensors_only(tiny_sd1, tmp_path):
+    src = tmp_path / "in.safetensors"
+    made = make_lora(tiny_sd1, "sd1", "lora", rank=4, alpha=2.0, path=src)  # fp16 factors
+    out = convert(ConvertOptions(src, tmp_path / "out.safetensors", "peft", arch="sd1", dtype="fp32")).output
+    written = open_safetensors(out)
+    assert {written[k].dtype for k in written} == {torch.float32}
+    # scale 0.5 is a power of two: folding it into fp16 factors and widening to fp32 is exact
+    peft = load_adapter(out).modules
+    for name, m in load_adapter(src).modules.items():
+        assert torch.equal(peft[name].delta(), m.delta()), name
+    assert len(peft) == len(made.targets)

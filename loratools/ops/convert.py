@@ -142,7 +142,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
         if options.to == "kohya":
             tensors.update(_kohya_tensors(module, *located, arch, table))
         else:
-            tensors.update(_peft_tensors(module, *located))
+            tensors.update(_peft_tensors(module, *located, options.dtype))
     if unmatched:
         raise UnmatchedModulesError(
             f"{len(unmatched)} module(s) are not {arch} UNet or CLIP text-encoder modules (first: {unmatched[0]}); "
@@ -251,7 +251,7 @@ def _kohya_tensors(module: AdapterModule, component: str, path: str, arch: str,
     return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
 
 
-def _peft_tensors(module: AdapterModule, component: str, path: str) -> dict[str, torch.Tensor]:
+def _peft_tensors(module: AdapterModule, component: str, path: str, dtype: str | None) -> dict[str, torch.Tensor]:
     import torch
 
     from loratools.adapters import LoRAModule
@@ -268,8 +268,9 @@ def _peft_tensors(module: AdapterModule, component: str, path: str) -> dict[str,
         down = torch.einsum("abhw,bi->aihw", module.mid.detach().float(), down.flatten(1))
     to_down, to_up = _split_scale(module.scale)
     name = peft_name(component, path)
-    return {f"{name}.lora_A.weight": (down * to_down).to(module.down.dtype),
-            f"{name}.lora_B.weight": (up * to_up).to(module.up.dtype)}
+    out = getattr(torch, DTYPES[dtype]) if dtype is not None else None  # one rounding, from float32
+    return {f"{name}.lora_A.weight": (down * to_down).to(out or module.down.dtype),
+            f"{name}.lora_B.weight": (up * to_up).to(out or module.up.dtype)}
 
 
 def _split_scale(s: float) -> tuple[float, float]:
