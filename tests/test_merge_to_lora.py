@@ -71,3 +71,19 @@ def test_to_lora_refuses_missing_input_and_existing_output(two_loras, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     proc = _run("--to-lora", a, "-o", a)
     assert proc.returncode == 2 and "input" in proc.stderr
+
+
+def test_recipe_recompresses_through_the_resize_engine(two_loras, tmp_path):
+    a, b = two_loras
+    out = tmp_path / "ab-r4.safetensors"
+    proc = _run("--to-lora", f"{a}:0.7", f"{b}:0.5", "-r", "rank=4", "--dtype", "fp32", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temp combination is gone
+    fa, fb, fo = load_adapter(a), load_adapter(b), load_adapter(out)
+    name = next(n for n in fo.modules if n in fa.modules and n in fb.modules)
+    exact = (0.7 * fa.modules[name].delta() + 0.5 * fb.modules[name].delta()).double()
+    U, S, Vh = torch.linalg.svd(exact.flatten(1), full_matrices=False)
+    best = (U[:, :4] * S[:4]) @ Vh[:4]
+    got = fo.modules[name].delta().double().flatten(1)
+    assert fo.modules[name].rank == 4
+    assert torch.allclose(got, best, atol=1e-5 * S[0].item())

@@ -24,6 +24,8 @@ Examples:
   loratools merge models/sd15-diffusers lora.safetensors -o models/sd15-merged --verify
 
   loratools merge --to-lora style.safetensors:0.6 detail.safetensors:0.4 -o style+detail.safetensors
+
+  loratools merge --to-lora a.safetensors b.safetensors -r fro_ckpt=1,thr=-3.55 --base sdxl.safetensors -o ab.safetensors
 """
 
 
@@ -47,6 +49,12 @@ def merge(
                                          "merged - base must equal the intended delta.")] = False,
     title: Annotated[Optional[str], typer.Option("--title", help="modelspec.title of the output "
                                                  "(default: output file stem).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", "-r", help="With --to-lora: re-compress the exact combination with a resize recipe "
+                               "(e.g. fro_lora=1,size=64 or sv_fro=0.9); several recipes with ':' need an "
+                               "output folder.")] = None,
+    base_model: Annotated[Optional[Path], typer.Option(
+        "--base", help="With --to-lora -r: the checkpoint for recipe scores that need it (fro_ckpt, ...).")] = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -62,8 +70,13 @@ def merge(
     if to_lora:
         if verify:
             raise UsageError("--verify checks a merged checkpoint; it does not apply to --to-lora")
-        _to_lora(resolve_inputs(inputs, ratio), output, dtype, allow_unmatched, overwrite, title, json_out)
+        if base_model is not None and recipe is None:
+            raise UsageError("--base is only used with -r RECIPE (recipe scores against the checkpoint)")
+        _to_lora(resolve_inputs(inputs, ratio), output, dtype, allow_unmatched, overwrite, title, recipe,
+                 base_model, json_out)
         return
+    if recipe is not None or base_model is not None:
+        raise UsageError("-r/--base re-compress a LoRA+LoRA merge; add --to-lora, or drop them")
     if len(inputs) < 2:
         raise UsageError("give BASE and at least one LORA (or --to-lora with adapters only)")
     base, *adapters = inputs
@@ -115,19 +128,24 @@ def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verif
         raise typer.Exit(1)
 
 
-def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, json_out) -> None:
+def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe, base, json_out) -> None:
     from loratools.cli import output as out
     from loratools.ops.merge import LoraMergeOptions, merge_loras
 
     result = merge_loras(LoraMergeOptions(adapters=adapters, output=output, dtype=dtype,
-                                          allow_unmatched=allow_unmatched, overwrite=overwrite, title=title))
+                                          allow_unmatched=allow_unmatched, overwrite=overwrite, title=title,
+                                          recipe=recipe, base=base))
     ranks = result.ranks
+    resized = [] if result.resized is None else result.resized.outcomes
     if json_out:
         out.print_json({"output": str(result.output), "arch": result.arch, "modules": result.modules,
                         "kinds": result.kinds, "max_rank": max(ranks) if ranks else None,
                         "inputs": [r.as_json() for r in result.inputs], "omitted": result.omitted,
                         "dropped": result.dropped, "size": result.file.size if result.file else None,
-                        "sshs_model_hash": result.file.sshs_model_hash if result.file else None})
+                        "sshs_model_hash": result.file.sshs_model_hash if result.file else None,
+                        "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
+                                          "rank_after": o.rank_after, "size_after": o.size_after,
+                                          "fro_retained": o.fro_retained} for o in resized]})
         return
     for name in result.dropped:
         out.warn(f"left out (not an adapter tensor): {name}")
@@ -135,8 +153,13 @@ def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, json_ou
         out.warn(f"{len(result.omitted)} module(s) left out because every weight on them is 0")
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.kinds.items()))
     rank_text = f", ranks {min(ranks)}-{max(ranks)}" if ranks else ""
-    size = out.human_bytes(result.file.size) if result.file else "?"
-    out.console.print(f"wrote {result.output} ({result.arch}, {size}): {result.modules} modules ({kinds}{rank_text})")
+    if result.file is not None:
+        out.console.print(f"wrote {result.output} ({result.arch}, {out.human_bytes(result.file.size)}): "
+                          f"{result.modules} modules ({kinds}{rank_text})")
+    else:
+        out.console.print(f"combined {result.modules} modules ({kinds}{rank_text}), re-compressed:")
+    for o in resized:
+        out.console.print(o.summary_line())
     for r in result.inputs:
         out.console.print(f"{r.path.name} (weight {r.ratio:g}): applied {r.applied}/{r.modules} modules")
 

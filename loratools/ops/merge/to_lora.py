@@ -11,8 +11,12 @@ inputs, conv layers). How a layer is combined depends on its members' types:
 * only norm deltas: their sum.
 
 Anything else (two LoHa members, a DoRA member at a ratio other than 1, LoHa with LoRA) has no
-exact combination in a single module of any stored type; it is refused with a hint to re-compress
-with a recipe (``-r``), which goes through the resize engine.
+exact combination in a single module of any stored type; it is refused (merge such files into a
+checkpoint instead).
+
+With a recipe (``-r``, the resize mini-language) the exact combination is written to a hidden temp
+file next to the output and handed to the resize engine (``loratools.ops.resize.Resizer``), so
+re-compression is the resize code path itself, with its recipes, scores and output naming.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 
     from loratools.adapters import AdapterFile, AdapterModule
     from loratools.io import WrittenFile
+    from loratools.ops.resize import LoraOutcome
 
 #: The factor of each type that its delta is linear in (scaling it scales the delta).
 _LINEAR_FACTOR = {"loha": ("hada_w1_a",), "lokr": ("lokr_w1", "lokr_w1_a"), "full": ("diff", "diff_b"),
@@ -49,6 +54,9 @@ class LoraMergeOptions:
         allow_unmatched: drop (and report) tensors no adapter parser recognised instead of refusing.
         overwrite: replace an existing output.
         title: ``modelspec.title`` (default: output file stem).
+        recipe: resize recipe(s) to re-compress the combination with (None: exact, ranks add); with
+            several recipes (``:``-separated) ``output`` is a folder.
+        base: checkpoint for recipe scores that need it (``fro_ckpt``, ``spn_ckpt``, ``subspace``).
     """
 
     adapters: Sequence[WeightedPath]
@@ -57,6 +65,8 @@ class LoraMergeOptions:
     allow_unmatched: bool = False
     overwrite: bool = False
     title: str | None = None
+    recipe: str | None = None
+    base: Path | None = None
 
 
 @dataclass
@@ -72,6 +82,7 @@ class LoraMergeResult:
     dropped: list[str] = field(default_factory=list)
     omitted: list[str] = field(default_factory=list)
     file: WrittenFile | None = None
+    resized: LoraOutcome | None = None
 
 _OUTPUT_KINDS = (("lora_up.weight", "lora"), ("diff", "full"), ("w_norm", "norm"))
 
@@ -91,7 +102,7 @@ def _scaled(module: AdapterModule, weight: float) -> dict[str, torch.Tensor]:
         return tensors
     if getattr(module, "dora_scale", None) is not None:
         raise UsageError(f"{module.name}: a DoRA module cannot be merged at weight {weight:g} exactly "
-                         "(its delta is not linear in the weight); use weight 1 or re-compress with -r")
+                         "(its delta is not linear in the weight); use weight 1")
     keys = [k for k in _LINEAR_FACTOR.get(module.kind, ()) if k in tensors]
     if not keys:
         raise UsageError(f"{module.name}: cannot scale a {module.kind} module by {weight:g}")
@@ -144,7 +155,7 @@ def combine_layer(name: str, members: Sequence[tuple[float, AdapterModule]], dty
             out["b_norm"] = sum(w * b for w, b in biases)
         return out
     raise UsageError(f"{name}: {' + '.join(sorted(m.kind for _, m in live))} members have no exact "
-                     "combination in one module; merge them into a checkpoint instead, or re-compress with -r")
+                     "combination in one module; merge them into a checkpoint instead")
 
 
 def _full_shape(live: Sequence[tuple[float, AdapterModule]]) -> tuple[int, ...]:
@@ -220,13 +231,19 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
     from loratools.io.writer import check_output_path
 
     protected = [wp.path for wp in opts.adapters]
-    check_output_path(opts.output, overwrite=opts.overwrite, protected=protected)
+    if opts.recipe is None:
+        check_output_path(opts.output, overwrite=opts.overwrite, protected=protected)
+    elif opts.output.suffix.lower() == ".safetensors":
+        check_output_path(opts.output, overwrite=opts.overwrite, protected=protected)
     loaded, arch = _load(opts)
     dropped = [f"{wp.path.name}: {key}" for wp, a in loaded for key in sorted(a.unknown)]
     if dropped and not opts.allow_unmatched:
         raise UnmatchedModulesError(f"{len(dropped)} tensor(s) are no adapter module: {'; '.join(dropped[:12])}. "
                                     "Pass --allow-unmatched to leave them out", dropped)
     dtype = _out_dtype(opts, loaded)
+    final_dtype = dtype
+    if opts.recipe is not None:
+        dtype = torch.float32  # the resize engine reads the exact combination; it casts at the end
 
     names = sorted({n for _, a in loaded for n in a.modules})
     tensors: dict[str, torch.Tensor] = {}
@@ -258,9 +275,44 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
         records.append(InputRecord(wp.path, wp.ratio, sha, short, len(adapter.modules), len(adapter.modules),
                                    title_of(wp.path, adapter.metadata)))
     meta = lora_metadata(loaded[0][1].metadata, arch=arch, adapters=records, output=opts.output, ranks=ranks,
-                         alphas=alphas, title=opts.title)
-    written = save_tensors(opts.output, tensors, meta, overwrite=opts.overwrite, protected=protected,
-                           sshs_hashes=True)
-    return LoraMergeResult(opts.output, arch, records, len(names) - len(omitted), kinds, ranks,
-                           dropped, omitted, written)
+                         alphas=alphas, title=opts.title, recipe=opts.recipe)
+    result = LoraMergeResult(opts.output, arch, records, len(names) - len(omitted), kinds, ranks, dropped, omitted)
+    if opts.recipe is None:
+        result.file = save_tensors(opts.output, tensors, meta, overwrite=opts.overwrite, protected=protected,
+                                   sshs_hashes=True)
+    else:
+        result.resized = _recompress(opts, tensors, meta, final_dtype)
+    return result
+
+
+_DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def _recompress(opts: LoraMergeOptions, tensors: dict, meta: dict[str, str], dtype: torch.dtype) -> LoraOutcome:
+    """Write the exact combination to a hidden temp folder and resize it with ``opts.recipe``.
+
+    The temp file is named after the output, so the resize engine's own output naming (one file
+    per recipe in a folder output) reads as ``<output stem>_<recipe>...``.
+    """
+    import shutil
+    import uuid
+
+    from loratools.io import save_tensors
+    from loratools.ops.resize import Resizer
+
+    single = opts.output.suffix.lower() == ".safetensors"
+    folder = opts.output.parent if single else opts.output
+    if not folder.is_dir():
+        raise UsageError(f"output folder {folder} does not exist; create it first", path=opts.output)
+    tmp = folder / f".merge-{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        combined = tmp / (opts.output.stem if single else "merged")
+        combined = combined.with_suffix(".safetensors")
+        save_tensors(combined, tensors, meta)
+        resizer = Resizer(opts.base)
+        return resizer.resize(combined, opts.recipe, output=opts.output, overwrite=opts.overwrite,
+                              dtype=_DTYPE_NAMES[str(dtype).removeprefix("torch.")])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
