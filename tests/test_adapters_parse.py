@@ -193,7 +193,10 @@ def test_registry_refuses_a_second_claimant():
     with pytest.raises(TypeError, match="claimed by both"):
         class _Clash(AdapterModule):  # noqa: F841
             kind = "clash"
-            SUFFIXES = ("lora_down.weight",)
+            SUFFIXES = ("clash_w", "lora_down.weight")
+    from loratools.adapters.base import registry
+
+    assert "clash_w" not in registry()
     with pytest.raises(TypeError, match="shared suffix"):
         class _Shared(AdapterModule):  # noqa: F841
             kind = "shared"

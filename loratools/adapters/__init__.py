@@ -22,7 +22,6 @@ from loratools.adapters.base import (
     SHARED_SUFFIXES,
     AdapterModule,
     ModuleSummary,
-    adapter_types,
     registry,
 )
 from loratools.adapters.full import FullModule
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdapterFile", "AdapterModule", "FullModule", "HeaderSummary", "IA3Module", "LoHaModule",
-    "LoKrModule", "LoRAModule", "ModuleSummary", "NormModule", "adapter_types", "describe_header",
+    "LoKrModule", "LoRAModule", "ModuleSummary", "NormModule", "describe_header",
     "load_adapter", "parse_adapter",
 ]
 

@@ -33,15 +33,6 @@ def registry() -> dict[str, type[AdapterModule]]:
     return dict(_REGISTRY)
 
 
-def adapter_types() -> list[type[AdapterModule]]:
-    """Registered adapter types, in registration order."""
-    seen: list[type[AdapterModule]] = []
-    for cls in _REGISTRY.values():
-        if cls not in seen:
-            seen.append(cls)
-    return seen
-
-
 @dataclass(frozen=True)
 class ModuleSummary:
     """What a module's header (names and shapes, no tensor data) tells about it.
@@ -88,7 +79,7 @@ class AdapterModule:
             return
         if not cls.kind or not cls.SUFFIXES:
             raise TypeError(f"adapter type {cls.__name__} must define `kind` and `SUFFIXES`")
-        for suffix in cls.SUFFIXES:
+        for suffix in cls.SUFFIXES:  # check every suffix before registering any
             if suffix in SHARED_SUFFIXES:
                 raise TypeError(f"adapter type {cls.__name__} claims shared suffix {suffix!r}")
             other = _REGISTRY.get(suffix)
@@ -96,7 +87,7 @@ class AdapterModule:
                 raise TypeError(
                     f"suffix {suffix!r} claimed by both {other.__name__} and {cls.__name__}"
                 )
-            _REGISTRY[suffix] = cls
+        _REGISTRY.update(dict.fromkeys(cls.SUFFIXES, cls))
 
     # -- construction ---------------------------------------------------------------------
     @classmethod

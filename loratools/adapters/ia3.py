@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loratools.adapters.base import AdapterModule
+from loratools.errors import InvalidFileError
 
 if TYPE_CHECKING:
     import torch
@@ -58,8 +59,6 @@ class IA3Module(AdapterModule):
         shape = [1] * w.dim()
         shape[axis] = v.numel()
         if w.shape[axis] != v.numel():
-            from loratools.errors import InvalidFileError
-
             raise InvalidFileError(
                 f"module {self.name}: IA3 vector of {v.numel()} does not fit axis {axis} of the base "
                 f"weight {tuple(w.shape)}; the adapter was made for another model"
