@@ -1,7 +1,9 @@
-"""LoHa / LoKr merged into a checkpoint equal lycoris-lora's training forward at the same multiplier.
+"""LyCORIS types merged into a checkpoint equal lycoris-lora's training forward at the same multiplier.
 
 lycoris-lora's own merge path scales LoHa/LoKr twice when alpha != rank (formats-spec 1.4); the
 forward pass used in training, ComfyUI and A1111 scale once, and that is what a merge must bake in.
+DoRA (weight-norm formula, needs the base weight) is compared at ratio 1, where the tools agree;
+full ``diff`` includes the bias diff of the conv; IA3 scales the base weight itself.
 The layers are real layers of the tiny SD1 UNet (a 3x3 resnet conv and an attention linear); the
 merged weights are read back from the written file.
 """
@@ -13,6 +15,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from lycoris.modules.full import FullModule as LyFull
+from lycoris.modules.ia3 import IA3Module as LyIA3
+from lycoris.modules.locon import LoConModule as LyLoCon
 from lycoris.modules.loha import LohaModule as LyLoha
 from lycoris.modules.lokr import LokrModule as LyLokr
 from torch import nn
@@ -24,7 +29,6 @@ from loratools.ops.merge import MergeOptions, WeightedPath, merge_checkpoint
 from loratools.tiny import save_single_file
 from loratools.tiny.adapters import target_modules
 
-RATIO = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +48,26 @@ def _layers(pipe):
     return found
 
 
-@pytest.mark.parametrize("cls, kwargs", [(LyLoha, dict(lora_dim=4, alpha=2)),
-                                         (LyLokr, dict(lora_dim=2, alpha=1, factor=4, decompose_both=True))],
-                         ids=["loha", "lokr"])
-def test_merged_weights_equal_lycoris_forward(tiny_sd1, base, tmp_path, cls, kwargs):
+CASES = {
+    "loha": (LyLoha, dict(lora_dim=4, alpha=2), 0.7),
+    "lokr": (LyLokr, dict(lora_dim=2, alpha=1, factor=4, decompose_both=True), 0.7),
+    "dora": (LyLoCon, dict(lora_dim=4, alpha=2, weight_decompose=True, wd_on_out=True), 1.0),
+    "full": (LyFull, {}, 0.7),
+    "ia3": (LyIA3, {}, 0.7),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merged_weights_equal_lycoris_forward(tiny_sd1, base, tmp_path, case):
+    cls, kwargs, ratio = CASES[case]
     torch.manual_seed(0)
     tensors, wrapped = {}, {}
     for kind, (path, layer) in _layers(tiny_sd1).items():
         name = "lora_unet_" + underscored(path)
-        module = cls(name, copy.deepcopy(layer), RATIO, **kwargs)
+        module = cls(name, copy.deepcopy(layer), ratio, **kwargs)
         with torch.no_grad():
             for p in module.parameters():
-                p.normal_(0, 0.3)
+                p.normal_(0, 0.3 if case != "full" else 0.02)
         module.apply_to()
         wrapped[kind] = (name, layer, module)
         tensors.update({f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()
@@ -63,19 +75,21 @@ def test_merged_weights_equal_lycoris_forward(tiny_sd1, base, tmp_path, cls, kwa
     lora = tmp_path / "lyco.safetensors"
     save_tensors(lora, tensors, {"ss_base_model_version": "sd_v1"})
     out = tmp_path / "merged.safetensors"
-    result = merge_checkpoint(MergeOptions(base, [WeightedPath(lora, RATIO)], out))
+    result = merge_checkpoint(MergeOptions(base, [WeightedPath(lora, ratio)], out))
     assert result.adapters[0].applied == len(wrapped)
 
     index = BaseIndex.from_key_shapes(open_safetensors(base).key_shapes())
     merged = open_safetensors(out)
     for kind, (name, layer, module) in wrapped.items():
-        w = merged[index.resolve(name).key].float()
+        target = index.resolve(name)
+        w = merged[target.key].float()
+        b = merged[target.bias_key].float() if target.bias_key else None
         if kind == "conv":
             x = torch.randn(2, layer.in_channels, 6, 6)
-            got = F.conv2d(x, w, layer.bias, padding=layer.padding)
+            got = F.conv2d(x, w, b, padding=layer.padding)
         else:
             x = torch.randn(3, layer.in_features)
-            got = F.linear(x, w, layer.bias)
+            got = F.linear(x, w, b)
         with torch.no_grad():
             want = module(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
