@@ -151,3 +151,36 @@ def test_peft_alpha_from_adapter_metadata_matches_diffusers(arch, tmp_path, requ
         convert(ConvertOptions(src, out, to, base=base_dir))
         diffs[to] = float(np.abs(_loaded(arch, out) - expected).max())
     assert max(diffs.values()) < TOLERANCE, diffs
+
+
+def _sd1_sgm_names(tensors: dict, table: UNetBlockTable, paths: ModulePaths) -> dict:
+    """SD1 UNet modules under SGM names (`lora_unet_input_blocks_1_1_...`), which diffusers'
+    SD1 pipeline mis-maps (it passes no UNet config to its SGM renamer)."""
+    out = {}
+    for k, v in tensors.items():
+        module, _, suffix = k.partition(".")
+        located = paths.locate(module)
+        if located[0] == "unet":
+            module = "lora_unet_" + table.to_ldm(located[1]).replace(".", "_")
+        out[f"{module}.{suffix}"] = v
+    return out
+
+
+def _lycoris_prefix(tensors: dict, table: UNetBlockTable, paths: ModulePaths) -> dict:
+    """UNet modules as LyCORIS' own wrapper names them (`lycoris_<diffusers path>`)."""
+    return {k.replace("lora_unet_", "lycoris_", 1): v for k, v in tensors.items() if k.startswith("lora_unet_")}
+
+
+@pytest.mark.parametrize("rename", [_sd1_sgm_names, _lycoris_prefix], ids=["sd1-sgm-names", "lycoris-prefix"])
+def test_convert_makes_files_diffusers_misreads_loadable(rename, tiny_sd1_dir, tmp_path):
+    """diffusers 0.42 raises on both inputs (NoMatchingPeftModuleError / "Invalid LoRA checkpoint");
+    after `convert --to kohya` it loads them and draws the image of base + deltas."""
+    pipe = build_pipeline("sd1", seed=0)
+    table = UNetBlockTable.from_config(pipe.unet.config)
+    made = make_lora(pipe, "sd1", "locon", rank=4, alpha=2.0, naming="kohya", dtype=torch.float32, strength=0.5)
+    src = tmp_path / "in.safetensors"
+    save_tensors(src, rename(made.tensors, table, ModulePaths(table)), made.metadata)
+    expected = render(_with_deltas("sd1", src))
+    out = tmp_path / "out.safetensors"
+    convert(ConvertOptions(src, out, "kohya", base=tiny_sd1_dir))
+    assert np.abs(_loaded("sd1", out) - expected).max() < TOLERANCE
