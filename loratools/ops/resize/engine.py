@@ -6,9 +6,10 @@ Per LoRA file:
    low-rank factors first) is decomposed by ``linalg.lowrank_svd`` (QR + r x r SVD, the alpha
    scale included). Its paired base weight (``keys.BaseIndex``, TE2's fused q/k/v as row slices)
    gives the Frobenius and exact spectral norms (on-disk cache) and, for ``subspace``, the
-   projections. Only the singular values and references are kept for every layer; the
-   singular vectors are kept while they fit ``factor_cache_bytes`` and recomputed (same inputs,
-   same result) at write time otherwise, so memory stays near one layer's factors.
+   projections. The singular values and references are kept for every layer, the singular
+   vectors only as far as some recipe can keep them (all of them for ``size=``) and while they
+   fit ``factor_cache_bytes``; others are recomputed (same inputs, same result) when written, so
+   memory stays bounded.
 2. Each recipe selects ranks (``selection``): thresholds and ``size=`` over elias' scores, or
    kohya's criteria. All recipes share step 1.
 3. Kept layers are written with sqrt(sigma)-balanced factors and ``alpha = scale * k`` in
@@ -134,7 +135,7 @@ class Resizer:
     """
 
     def __init__(self, base: str | Path | ModelSource | None = None, *, cache_dir: str | Path | None = "default",
-                 device: str = "cpu", factor_cache_bytes: int = 64 << 20) -> None:
+                 device: str = "cpu", factor_cache_bytes: int = 128 << 20) -> None:
         from loratools.ops.resize.cache import NormCache, checkpoint_identity, default_cache_dir
 
         self.device = device
@@ -211,7 +212,7 @@ class Resizer:
         adapter = load_adapter(lora)
         result = LoraOutcome(lora, [])
         self._check_arch(adapter, lora)
-        layers, passthrough = self._decompose(adapter, recipes, result, progress)
+        layers, passthrough = self._decompose(adapter, recipes, kohya_compat, result, progress)
         if self.cache is not None:
             self.cache.save()
         from loratools.io import file_sha256
@@ -276,7 +277,7 @@ class Resizer:
         return torch.float16
 
     # ------------------------------------------------------------------------------------
-    def _decompose(self, adapter: AdapterFile, recipes: Sequence[Recipe], result: LoraOutcome,
+    def _decompose(self, adapter: AdapterFile, recipes: Sequence[Recipe], compat: bool, result: LoraOutcome,
                    progress: Progress | None) -> tuple[list[_Layer], dict[str, torch.Tensor]]:
         import torch
 
@@ -325,18 +326,19 @@ class Resizer:
             kxk = len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1)
             is_4d = len(weight_shape) == 4
             scale_out = m.scale if m.kind == "lora" and adapter.naming != "peft" else 1.0
-            keep = None
-            nbytes = (U.numel() + Vh.numel()) * 4
-            if cached + nbytes <= self.factor_cache_bytes:
-                keep, cached = (U, Vh), cached + nbytes
             dora = getattr(m, "dora_scale", None)
-            layers.append(_Layer(
+            layer = _Layer(
                 module=m, name=name, kind=m.kind, old_rank=old_rank, weight_shape=weight_shape, S=S,
                 scale_out=scale_out,
                 shape=LayerShape(old_rank=old_rank, full_len=min(weight_shape[0], math.prod(weight_shape[1:])),
                                  kxk=kxk, is_4d=is_4d, keep_one=dora is not None, scale=m.scale or 1.0),
-                base=base, factors=keep, dora_scale=dora))
-            del W
+                base=base, factors=None, dora_scale=dora)
+            need = _needed(layer, recipes, compat)
+            nbytes = (U.shape[0] + Vh.shape[1]) * need * 4
+            if need and cached + nbytes <= self.factor_cache_bytes:  # else rebuilt when written
+                layer.factors, cached = (U[:, :need].clone(), Vh[:need].clone()), cached + nbytes
+            layers.append(layer)
+            del W, U, Vh
         if progress:
             progress("decompose", len(names), len(names))
         if result.unmatched:
@@ -543,11 +545,11 @@ class Resizer:
 
         def build(i: int) -> dict[str, torch.Tensor]:
             ly, k = layers[i], ranks[i]
-            if ly.factors is not None:
+            idx = _kept_indices(ly, k, orders[i])
+            if ly.factors is not None and (not idx or max(idx) < ly.factors[0].shape[1]):
                 U, Vh = ly.factors
             else:
                 U, _, Vh, _ = self._svd(ly.module)
-            idx = _kept_indices(ly, k, orders[i])
             s = ly.S[idx].double() * recipe.rescale / ly.scale_out
             root = s.clamp_min(0).sqrt()
             up = U[:, idx].double() * root
@@ -590,6 +592,25 @@ def _kept_indices(ly: _Layer, k: int, order: Any) -> list[int]:
     if order is None:
         return list(range(min(k, n)))
     return sorted(int(i) for i in order[: min(k, n)])
+
+
+def _needed(ly: _Layer, recipes: Sequence[Recipe], compat: bool) -> int:
+    """How many leading singular directions the recipes can keep (all of them with a ``size=``
+    recipe, whose global threshold is not known yet); only those are kept in memory."""
+    from loratools.ops.resize.scoring import layer_scores
+    from loratools.ops.resize.selection import kohya_rank, score_order, threshold_rank
+
+    if any(r.method == "size" for r in recipes):
+        return ly.S.numel()
+    need = 0
+    for r in recipes:
+        if r.uses_scores:
+            sc = layer_scores(ly.S, r.weights, rescale=r.rescale, params=ly.params, base=ly.base)
+            idx = _kept_indices(ly, threshold_rank(sc, r.param, ly.S, ly.shape, r), score_order(sc))
+        else:
+            idx = _kept_indices(ly, kohya_rank(ly.S, ly.shape, r, compat), None)
+        need = max(need, max(idx) + 1 if idx else 0)
+    return need
 
 
 def _factor_tensors(m: AdapterModule) -> list[torch.Tensor]:
