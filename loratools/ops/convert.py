@@ -26,7 +26,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from loratools.errors import UnmatchedModulesError, UsageError
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from loratools.adapters import AdapterFile, AdapterModule
     from loratools.keys.unet_blocks import UNetBlockTable
 
-Target = Literal["kohya", "peft"]
 TARGETS: tuple[str, ...] = ("kohya", "peft")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
