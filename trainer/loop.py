@@ -24,14 +24,16 @@ log = logging.getLogger(__name__)
 
 class EpochSampler(torch.utils.data.Sampler):
     """A permutation of the batch indices seeded by (seed, epoch) without touching the global RNG,
-    so a resumed run sees the same order as an uninterrupted one."""
+    so a resumed run sees the same order as an uninterrupted one. The method is deliberately not
+    called `set_epoch`: accelerate's data loader calls that with its own iteration counter, which
+    restarts at 0 in a resumed run."""
 
     def __init__(self, length: int, seed: int) -> None:
         self.length = length
         self.seed = seed
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:

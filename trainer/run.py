@@ -339,7 +339,7 @@ def train(cfg: Any) -> TrainResult:
         _say(accelerator, f"epoch {epoch + 1}/{num_epochs}")
         dataset.set_epoch(epoch + 1)
         dataset.set_current_step(global_step)
-        sampler.set_epoch(epoch)
+        sampler.use_epoch(epoch)
         network.train()
         if schedule_free:
             optimizer.train()
