@@ -1,9 +1,126 @@
-"""`loratools demo` (being built; see issue tracker)."""
+"""`loratools demo`: the whole seed workflow on built-in tiny models, offline, on CPU.
+
+Only wiring and rendering: ``loratools.ops.demo.run_demo`` does the work (imported inside the
+command so ``--help`` stays instant); this module turns its result into three tables (where
+everything is, what each step produced, the commands to run each step yourself) or ``--json``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
 import typer
+
+from loratools.cli.options import JsonOpt
+
+if TYPE_CHECKING:
+    from loratools.ops.demo import DemoResult
+
+HELP = (
+    "Run the whole LoRA workflow on a built-in tiny model: no download, no GPU, under a minute.\n\n"
+    "Builds a tiny SDXL-like base model (a single-file checkpoint and a diffusers folder), writes a captioned "
+    "dataset in N_concept folders, trains a LoCon with sample images, resizes it with fro_ckpt=1,thr=-3.55 and "
+    "with sv_fro=0.9, checks its weights, merges it into the base and reads its metadata. Then it prints where "
+    "every file is, what each step produced, and the loratools command that does each step on your own files.\n\n"
+    "Examples:\n\n"
+    "  loratools demo\n\n"
+    "  loratools demo --quick --arch sd1 -o /tmp/demo --json"
+)
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the main app."""
+    app.command("demo", help=HELP)(demo)
+
+
+def demo(
+    output_dir: Annotated[Path, typer.Option(
+        "--output-dir", "-o", help="Folder for everything the demo writes. A non-empty folder that an earlier "
+        "demo did not write is refused unless --overwrite.")] = Path("demo-output"),
+    arch: Annotated[str, typer.Option("--arch", help="Tiny base model: sdxl (as Pony/SDXL) or sd1.")] = "sdxl",
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="Training steps (default 120; 8 with --quick).", show_default=False)] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller settings: fewer images, steps and "
+                                        "sampling steps (a smoke test).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Use a non-empty folder anyway; only the demo's own entries in it are replaced.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the demo (see the help above)."""
+    from loratools.cli import output as out
+    from loratools.ops.demo import DemoOptions, run_demo
+
+    options = DemoOptions(output_dir=output_dir, arch=arch.lower(), steps=steps, quick=quick, overwrite=overwrite)
+    result = run_demo(options, progress=out.info)
+    if json_out:
+        out.print_json(result.to_json())
+        return
+    _render(result)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _render(r: DemoResult) -> None:
+    from loratools.cli import output as out
+
+    root = r.output_dir
+    hb = out.human_bytes
+    where = [
+        ("base model", "single-file checkpoint", _rel(r.base.single_file, root)),
+        ("base model", "diffusers folder", _rel(r.base.diffusers_dir, root) + "/"),
+        ("dataset", f"{r.dataset.images} images + captions", _rel(r.dataset.concept_dir, root) + "/"),
+        ("train", "recipe (sd-scripts flags)", _rel(r.train.recipe, root)),
+        ("train", "LoCon", _rel(r.train.lora, root)),
+        *(("train", "sample image", _rel(p, root)) for p in r.train.samples),
+        *(("resize", x.recipe, _rel(x.path, root)) for x in r.resized),
+        ("merge", "merged checkpoint", _rel(r.merge.path, root)),
+        ("merge", "preview: base / merged", f"{_rel(r.merge.preview_base, root)} / "
+                                            f"{_rel(r.merge.preview_merged, root)}"),
+        ("all", "this report as JSON", "report.json"),
+    ]
+    for message in r.train.warnings:
+        out.warn(f"train: {message}")
+    out.console.print(out.table(f"Where everything is (in {root})", ["step", "what", "path"], where))
+
+    first, last = r.train.loss_window()
+    n = max(1, len(r.train.losses) // 4)
+    lo, hi = r.metadata.network.get("network dim"), r.metadata.network.get("network alpha")
+    triggers = ", ".join(f"{t} ({c})" for t, c in r.metadata.trigger_words[:3])
+    produced = [
+        ("base model", f"tiny {r.base.arch.upper()}, {r.base.parameters / 1e6:.2f} M parameters, "
+                       f"{hb(r.base.single_file_bytes)} single file", f"{r.base.seconds:.1f}"),
+        ("dataset", f"{r.dataset.images} images x {r.dataset.repeats} repeats, trigger word '{r.dataset.trigger}'",
+         f"{r.dataset.seconds:.1f}"),
+        ("train", f"{r.train.network}: {r.train.steps} steps, loss {first:.4f} -> {last:.4f} (mean of first/last "
+                  f"{n} steps), {r.train.modules} modules, {hb(r.train.bytes)}, {len(r.train.samples)} sample images",
+         f"{r.train.seconds:.1f}"),
+        *((f"resize {x.recipe}", f"rank {x.rank_before} -> {x.rank_after}, {hb(x.bytes_before)} -> "
+                                 f"{hb(x.bytes_after)}, Frobenius {100 * x.fro_retained:.1f} % kept, "
+                                 f"{x.layers_dropped} layers dropped" + ("" if x.status == "written"
+                                                                          else f" ({x.status})"), "")
+          for x in r.resized),
+        *((f"check {_rel(c.path, root)}", "; ".join(c.explanations), "") for c in r.checks),
+        ("merge", f"applied {r.merge.applied}/{r.merge.modules} modules at ratio {r.merge.ratio:g}, "
+                  f"{r.merge.patched_keys} weights changed, {r.merge.copied_keys} copied, verify "
+                  f"{'ok' if r.merge.verified else 'FAILED' if r.merge.verified is False else 'skipped'}; "
+                  f"preview pixels changed by {100 * r.merge.preview_change:.2f} % on average",
+         f"{r.merge.seconds:.1f}"),
+        ("metadata", f"{r.metadata.architecture} LoRA, dim {lo} / alpha {hi}, base "
+                     f"{r.metadata.base_model.get('name', '?')}; trigger words: {triggers}", ""),
+    ]
+    for name, key in (("resize", "resize"), ("check", "check"), ("metadata", "metadata")):
+        index = next(i for i, row in enumerate(produced) if row[0].startswith(name))
+        produced[index] = (*produced[index][:2], f"{r.steps_seconds.get(key, 0.0):.1f}")
+    out.console.print(out.table("What each step produced", ["step", "result", "s"], produced, justify_right=["s"]))
+
+    commands = [("train", r.train.command), ("resize", r.resize_command), ("check", r.check_command),
+                ("merge", r.merge.command), ("metadata", r.metadata.command)]
+    out.console.print(out.table("Each step on your own files", ["step", "command"], commands))
+    out.console.print(f"done in {r.seconds:.0f} s; open the sample images in {_rel(r.train.samples[0].parent, root)}/"
+                      if r.train.samples else f"done in {r.seconds:.0f} s", soft_wrap=True)

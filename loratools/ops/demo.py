@@ -1,0 +1,494 @@
+"""``loratools demo``: the seed guides' whole workflow, end to end, on built-in tiny models.
+
+A newcomer's first command. Nothing is downloaded and no GPU is needed: a tiny SDXL-like (or
+SD1-like) model is built from configs (``loratools.tiny``) and saved both as a single-file
+checkpoint and as a diffusers folder; a synthetic captioned dataset is written in sd-scripts'
+``N_concept`` layout; then the steps the guides run on a real model run here, through the same
+code the commands use:
+
+1. train a LoCon with sample images (``trainer.run.train``, configured by sd-scripts flags);
+2. resize it against the base with ``fro_ckpt=1,thr=-3.55`` and with ``sv_fro=0.9``
+   (``loratools.ops.resize``, one decomposition shared by both recipes);
+3. check the trained and resized files for dead / NaN / fp16-underflowed modules
+   (``loratools.ops.check_weights``);
+4. merge the LoCon into the single-file base with ``--verify`` (``loratools.ops.merge``) and
+   render the same prompt with the base and the merged checkpoint;
+5. read the LoCon's metadata: base model, rank/alpha, training record, trigger words
+   (``loratools.ops.metadata``).
+
+Each step's report carries the equivalent ``loratools`` command line, so the demo doubles as a
+worked example of the CLI. ``run_demo`` never prints; ``progress`` receives one line per step.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratools.errors import OutputExistsError, UsageError
+
+MARKER = ".loratools-demo"
+#: What the demo writes inside its output folder; only these are ever replaced.
+ENTRIES = ("base", "dataset", "train", "resized", "merged", "report.json", MARKER)
+ARCHES = ("sdxl", "sd1")
+CONCEPT = "tinychar"
+RECIPES = ("fro_ckpt=1,thr=-3.55", "sv_fro=0.9")
+PROMPT = f"{CONCEPT}, red circle, white background, stripes"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What to run and where.
+
+    Attributes:
+        output_dir: folder for everything the demo writes (created if missing). A non-empty
+            folder that no earlier demo wrote is refused unless ``overwrite``.
+        arch: ``"sdxl"`` (the seeds' Pony/SDXL case) or ``"sd1"``.
+        steps: optimizer steps; default 120 (``quick``: 8).
+        quick: fewer images, steps and sample steps (for tests and a smoke check).
+        overwrite: allow a non-empty folder that is not a demo folder (only the demo's own
+            entries, ``ENTRIES``, are replaced; other files are left alone).
+        seed: seeds the models, the dataset and training.
+    """
+
+    output_dir: Path = Path("demo-output")
+    arch: str = "sdxl"
+    steps: int | None = None
+    quick: bool = False
+    overwrite: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHES:
+            raise UsageError(f"--arch {self.arch!r}: choose one of {', '.join(ARCHES)}")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+
+    @property
+    def settings(self) -> Settings:
+        steps = self.steps if self.steps is not None else (8 if self.quick else 120)
+        return Settings(
+            steps=steps,
+            images=4 if self.quick else 6,
+            sample_every=max(1, steps // 2),
+            sample_steps=4 if self.quick else 8,
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Training sizes derived from the options (a LoCon with linear dim 8, conv dim 4)."""
+
+    steps: int
+    images: int
+    sample_every: int
+    sample_steps: int
+    repeats: int = 5
+    batch_size: int = 2
+    network_dim: int = 8
+    network_alpha: int = 4
+    conv_dim: int = 4
+    conv_alpha: int = 2
+    learning_rate: float = 2e-3
+
+
+@dataclass
+class BaseReport:
+    """The tiny base model, as the two files a user would have."""
+
+    arch: str
+    single_file: Path
+    diffusers_dir: Path
+    single_file_bytes: int
+    parameters: int
+    seconds: float
+
+
+@dataclass
+class DatasetReport:
+    root: Path
+    concept_dir: Path
+    images: int
+    repeats: int
+    trigger: str
+    example_caption: str
+    seconds: float
+
+
+@dataclass
+class TrainReport:
+    lora: Path
+    bytes: int
+    network: str
+    modules: int
+    steps: int
+    losses: list[float]
+    samples: list[Path]
+    prompts: Path
+    recipe: Path
+    warnings: list[str]
+    command: str
+    seconds: float
+
+    @property
+    def loss_first(self) -> float:
+        return self.losses[0]
+
+    @property
+    def loss_last(self) -> float:
+        return self.losses[-1]
+
+    def loss_window(self) -> tuple[float, float]:
+        """Mean loss of the first and of the last quarter of the steps (single steps are noisy:
+        each draws its own timesteps)."""
+        n = max(1, len(self.losses) // 4)
+        return sum(self.losses[:n]) / n, sum(self.losses[-n:]) / n
+
+
+@dataclass
+class ResizeReport:
+    recipe: str
+    path: Path
+    status: str
+    rank_before: int
+    rank_after: int
+    bytes_before: int
+    bytes_after: int
+    fro_retained: float
+    threshold: float | None
+    layers_kept: int
+    layers_dropped: int
+    summary: str
+
+
+@dataclass
+class CheckReport:
+    path: Path
+    modules: int
+    counts: dict[str, int]
+    explanations: list[str]
+    failed: bool
+
+
+@dataclass
+class MergeReport:
+    path: Path
+    bytes: int
+    ratio: float
+    modules: int
+    applied: int
+    patched_keys: int
+    copied_keys: int
+    verified: bool | None
+    preview_base: Path
+    preview_merged: Path
+    preview_change: float  # mean |merged - base| pixel difference, 0..1
+    command: str
+    seconds: float
+
+
+@dataclass
+class MetadataReport:
+    path: Path
+    architecture: str | None
+    base_model: dict[str, Any]
+    network: dict[str, Any]
+    ranks: dict[str, int]
+    trigger_words: list[tuple[str, int]]
+    datasets: list[dict[str, Any]]
+    command: str
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo produced, step by step."""
+
+    output_dir: Path
+    arch: str
+    base: BaseReport
+    dataset: DatasetReport
+    train: TrainReport
+    resized: list[ResizeReport]
+    resize_command: str
+    resize_seconds: float
+    checks: list[CheckReport]
+    check_command: str
+    merge: MergeReport
+    metadata: MetadataReport
+    seconds: float
+    steps_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (paths as strings); also written to ``report.json``."""
+        data = _jsonable(asdict(self))
+        lo, hi = self.train.loss_window()
+        data["train"].update(loss_first=self.train.loss_first, loss_last=self.train.loss_last,
+                             loss_first_quarter=lo, loss_last_quarter=hi)
+        return data
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working folder when it is inside it (shorter to read and to copy)."""
+    cwd = Path.cwd()
+    return path.relative_to(cwd) if path.is_absolute() and path.is_relative_to(cwd) else path
+
+
+def _command(*parts: Any) -> str:
+    """A shell command line, paths shown by ``_shown``."""
+    return " ".join(shlex.quote(str(_shown(p) if isinstance(p, Path) else p)) for p in parts)
+
+
+# ------------------------------------------------------------------------------- output folder
+
+def prepare_output(folder: Path, overwrite: bool) -> None:
+    """Make ``folder`` ready: refuse a foreign non-empty folder, remove the demo's old entries.
+
+    Raises:
+        UsageError: ``folder`` is a file.
+        OutputExistsError: ``folder`` is non-empty, was not written by the demo, and no ``overwrite``.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UsageError("the demo's output must be a folder, and this is a file; choose another --output-dir",
+                         path=folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).exists() and not overwrite:
+        raise OutputExistsError("folder is not empty and was not written by loratools demo; choose another "
+                                "--output-dir or pass --overwrite (only the demo's own entries are replaced)",
+                                path=folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ENTRIES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    (folder / MARKER).write_text("written by `loratools demo`; safe to delete\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------- steps
+
+def _build_base(out: Path, arch: str, seed: int) -> BaseReport:
+    from loratools.tiny import build_pipeline, save_diffusers, save_single_file
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline(arch, seed=seed)
+    folder = out / "base"
+    folder.mkdir()
+    name = f"tiny-{arch}"
+    diffusers_dir = save_diffusers(pipe, folder / f"{name}-diffusers")
+    single = save_single_file(pipe, folder / f"{name}.safetensors")
+    # A single file holds no tokenizer; the trainer looks for tokenizer folders next to it, where
+    # users copy them from a diffusers folder of the same family.
+    for tok in ("tokenizer", "tokenizer_2"):
+        if (diffusers_dir / tok).is_dir():
+            shutil.copytree(diffusers_dir / tok, folder / tok)
+    params = sum(p.numel() for name_, m in pipe.components.items()
+                 if hasattr(m, "parameters") for p in m.parameters())
+    return BaseReport(arch, single, diffusers_dir, single.stat().st_size, params, time.perf_counter() - t0)
+
+
+def _make_dataset(out: Path, arch: str, settings: Settings, seed: int) -> DatasetReport:
+    from loratools.tiny import make_dataset
+
+    t0 = time.perf_counter()
+    ds = make_dataset(out / "dataset", arch, settings.images, repeats=settings.repeats, concept=CONCEPT, seed=seed)
+    example = next(iter(ds.captions.values()), "")
+    return DatasetReport(ds.root, ds.concept_dir, len(ds.images), ds.repeats, ds.trigger, example,
+                         time.perf_counter() - t0)
+
+
+def train_argv(base: Path, data: Path, out: Path, prompts: Path, arch: str, settings: Settings,
+               seed: int) -> list[str]:
+    """sd-scripts flags of the demo's LoCon run (the seeds' recipe, shrunk to the tiny model)."""
+    resolution = "64" if arch == "sd1" else "64,64"
+    return [
+        "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir", str(out),
+        "--output_name", f"{CONCEPT}-locon", "--resolution", resolution, "--enable_bucket",
+        "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
+        "--caption_extension", ".txt", "--shuffle_caption", "--keep_tokens", "1",
+        "--network_module", "networks.lora", "--network_dim", str(settings.network_dim),
+        "--network_alpha", str(settings.network_alpha), "--network_args",
+        f"conv_dim={settings.conv_dim}", f"conv_alpha={settings.conv_alpha}",
+        "--optimizer_type", "AdamW", "--learning_rate", str(settings.learning_rate),
+        "--lr_scheduler", "cosine", "--max_train_steps", str(settings.steps),
+        "--train_batch_size", str(settings.batch_size), "--cache_latents", "--max_data_loader_n_workers", "0",
+        "--save_precision", "fp16", "--seed", str(seed),
+        "--sample_prompts", str(prompts), "--sample_sampler", "euler_a",
+        "--sample_every_n_steps", str(settings.sample_every), "--sample_at_first",
+    ]
+
+
+def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settings, seed: int) -> TrainReport:
+    from trainer.config import config_to_toml, resolve_config
+    from trainer.run import train
+
+    t0 = time.perf_counter()
+    folder = out / "train"
+    folder.mkdir()
+    prompts = folder / "prompts.txt"
+    prompts.write_text(f"{PROMPT} --w 64 --h 64 --d {seed + 1} --s {settings.sample_steps} --l 5\n"
+                       f"blue square, black background --w 64 --h 64 --d {seed + 2} --s {settings.sample_steps} --l 5\n",
+                       encoding="utf-8")
+    # The run is configured the way a user would: a TOML recipe of sd-scripts flags, so the command
+    # shown for this step is exactly what ran.
+    recipe = folder / "recipe.toml"
+    recipe.write_text(config_to_toml(resolve_config(
+        train_argv(base.single_file, dataset.root, folder, prompts, base.arch, settings, seed))), encoding="utf-8")
+    result = train(resolve_config(["--config", str(recipe)]))
+    if result.final_file is None or not result.losses:
+        raise UsageError("training wrote no file; run `loratools train` with the flags in report.json to see why",
+                         path=folder)
+    from loratools.ops.metadata import summarize
+
+    modules = sum(summarize(result.final_file).module_counts.values())
+    return TrainReport(result.final_file, result.final_file.stat().st_size, "LoCon (networks.lora with conv_dim)",
+                       modules, result.global_step, list(result.losses), list(result.sample_files), prompts, recipe,
+                       list(result.warnings), _command("loratools", "train", "--config", recipe),
+                       time.perf_counter() - t0)
+
+
+def _resize(out: Path, base: BaseReport, lora: Path) -> tuple[list[ResizeReport], str]:
+    from loratools.ops.resize import Resizer
+
+    folder = out / "resized"
+    folder.mkdir()
+    recipes = ":".join(RECIPES)
+    # The norm cache lives in the user's cache folder; the demo's base is throwaway, so skip it.
+    outcome = Resizer(base.single_file, cache_dir=None).resize(lora, recipes, output=folder)
+    reports = [ResizeReport(o.recipe, o.path, o.status, o.rank_before, o.rank_after, o.size_before, o.size_after,
+                            o.fro_retained, o.threshold, o.layers_kept, len(o.layers_dropped), o.summary_line())
+               for o in outcome.outcomes]
+    return reports, _command("loratools", "resize", "-o", folder, "-r", recipes, base.single_file, lora)
+
+
+def _check(paths: Sequence[Path]) -> tuple[list[CheckReport], str]:
+    from loratools.ops.check_weights import check_file
+
+    reports = []
+    for path in paths:
+        r = check_file(path)
+        reports.append(CheckReport(path, len(r.modules), dict(r.counts), list(r.explanations), r.failed))
+    return reports, _command("loratools", "check", "weights", *paths)
+
+
+def _merge(out: Path, base: BaseReport, lora: Path, seed: int) -> MergeReport:
+    import numpy as np
+
+    from loratools.ops.merge import MergeOptions, WeightedPath, merge_checkpoint
+    from loratools.tiny import load_single_file, render
+
+    t0 = time.perf_counter()
+    folder = out / "merged"
+    folder.mkdir()
+    target = folder / f"tiny-{base.arch}-{CONCEPT}.safetensors"
+    ratio = 1.0
+    res = merge_checkpoint(MergeOptions(base.single_file, [WeightedPath(lora, ratio)], target, verify=True))
+    rep = res.adapters[0]
+    images = {}
+    for label, path in (("base", base.single_file), ("merged", target)):
+        pipe = load_single_file(path, base.arch, seed=seed)
+        images[label] = render(pipe, PROMPT, seed=seed, steps=4, size=64)
+    previews = {label: _save_png(img, folder / f"preview-{label}.png") for label, img in images.items()}
+    change = float(np.abs(images["merged"] - images["base"]).mean())
+    return MergeReport(target, target.stat().st_size, ratio, rep.modules, rep.applied, res.patched_keys,
+                       res.copied_keys, res.verified, previews["base"], previews["merged"], change,
+                       _command("loratools", "merge", base.single_file, f"{_shown(lora)}:{ratio:g}", "-o", target, "--verify"),
+                       time.perf_counter() - t0)
+
+
+def _save_png(image: Any, path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8")).save(path)
+    return path
+
+
+def _metadata(lora: Path) -> MetadataReport:
+    from loratools.ops.metadata import summarize
+
+    s = summarize(lora, top_tags=5)
+    network = {k: s.training[k] for k in ("network module", "network dim", "network alpha", "network args", "steps",
+                                         "resolution", "optimizer", "learning rate") if k in s.training}
+    return MetadataReport(lora, s.arch_label, dict(s.base_model), network, dict(s.ranks), list(s.trigger_words),
+                          [asdict(d) for d in s.datasets], _command("loratools", "metadata", "show", lora))
+
+
+# ------------------------------------------------------------------------------------------ run
+
+def run_demo(options: DemoOptions, progress: Progress | None = None) -> DemoResult:
+    """Run the whole workflow into ``options.output_dir``; also writes ``report.json`` there.
+
+    Args:
+        options: see ``DemoOptions``.
+        progress: called with one line as each step starts (the CLI prints it on stderr).
+    Returns:
+        A ``DemoResult`` with every path and number the steps produced.
+    Raises:
+        OutputExistsError: the output folder is someone else's (see ``DemoOptions.overwrite``).
+    Example:
+        >>> result = run_demo(DemoOptions(Path("demo-output"), quick=True))
+        >>> result.train.loss_window(), [r.rank_after for r in result.resized]
+    """
+    prepare_output(Path(options.output_dir), options.overwrite)  # refuse before the slow imports
+    import torch
+
+    # Every tensor here is tiny: torch's thread pool only adds fan-out cost, and on a busy machine
+    # its threads wait on each other (a tiny SDXL training step: 0.06 s on one thread, 0.85 s on
+    # two with the machine's other processes running). The caller's setting is restored after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(options, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(options: DemoOptions, progress: Progress | None) -> DemoResult:
+    say = progress or (lambda _msg: None)
+    settings = options.settings
+    t_start = time.perf_counter()
+    out = Path(options.output_dir).resolve()
+    timings: dict[str, float] = {}
+
+    def step(name: str, message: str, fn: Callable[[], Any]) -> Any:
+        say(f"[{len(timings) + 1}/7] {message}")
+        t0 = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - t0, 3)
+        return value
+
+    base = step("base", f"building a tiny {options.arch.upper()} base model (single file + diffusers folder)",
+                lambda: _build_base(out, options.arch, options.seed))
+    dataset = step("dataset", f"writing {settings.images} captioned images in {settings.repeats}_{CONCEPT}/",
+                   lambda: _make_dataset(out, options.arch, settings, options.seed))
+    train = step("train", f"training a LoCon for {settings.steps} steps with sample images",
+                 lambda: _train(out, base, dataset, settings, options.seed))
+    resized, resize_cmd = step("resize", f"resizing with {' and '.join(RECIPES)}",
+                               lambda: _resize(out, base, train.lora))
+    written = [r.path for r in resized if r.status == "written"]
+    checks, check_cmd = step("check", "checking weights", lambda: _check([train.lora, *written]))
+    merge = step("merge", "merging the LoCon into the base checkpoint (with --verify)",
+                 lambda: _merge(out, base, train.lora, options.seed))
+    meta = step("metadata", "reading the LoCon's metadata", lambda: _metadata(train.lora))
+    result = DemoResult(out, options.arch, base, dataset, train, resized, resize_cmd, timings["resize"], checks,
+                        check_cmd, merge, meta, time.perf_counter() - t_start, timings)
+    (out / "report.json").write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
+    return result

@@ -1,0 +1,108 @@
+"""`loratools demo --quick` end to end as a subprocess: every artifact exists and is what it claims."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loratools.io import open_model, read_header
+from loratools.ops.demo import MARKER
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One quick demo run (the expensive part), shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "out dir"  # a space in the path, as on many users' machines
+    proc = subprocess.run([sys.executable, "-m", "loratools", "demo", "--quick", "-o", str(out), "--json"],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout), proc.stderr
+
+
+def test_demo_writes_every_artifact(demo_run):
+    out, report, stderr = demo_run
+    assert (out / MARKER).exists()
+    assert json.loads((out / "report.json").read_text()) == report
+    for step in ("[1/7]", "[7/7]"):
+        assert step in stderr
+
+    base = report["base"]
+    assert read_header(base["single_file"]).file_size == base["single_file_bytes"]
+    folder = open_model(base["diffusers_dir"])
+    assert folder.layout == "diffusers" and {"unet", "text_encoder", "text_encoder_2", "vae"} <= set(folder.components)
+
+    captions = sorted((out / "dataset" / "5_tinychar").glob("*.txt"))
+    assert len(captions) == report["dataset"]["images"] == 4
+    assert all(c.read_text().startswith("tinychar, ") for c in captions)
+
+
+def test_demo_trains_and_samples(demo_run):
+    out, report, _ = demo_run
+    train = report["train"]
+    assert train["steps"] == len(train["losses"]) == 8
+    assert train["loss_first"] == train["losses"][0] and train["loss_last"] == train["losses"][-1]
+    header = read_header(train["lora"])
+    assert any(k.startswith("lora_te1_") for k in header.tensors) and any(k.startswith("lora_unet_") for k in header.tensors)
+    # LoCon: 3x3 conv layers have 4-d factors of rank conv_dim=4
+    conv_downs = [i.shape for k, i in header.tensors.items() if k.endswith("lora_down.weight") and len(i.shape) == 4
+                  and i.shape[2:] == (3, 3)]
+    assert conv_downs and all(s[0] == 4 for s in conv_downs)
+    # sample_at_first + every 4 steps, two prompts: steps 0, 4, 8
+    assert len(train["samples"]) == 6
+    for path in train["samples"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "train" / "recipe.toml").is_file() and train["command"].startswith("loratools train --config ")
+
+
+def test_demo_resizes_to_smaller_files(demo_run):
+    _, report, _ = demo_run
+    resized = {r["recipe"]: r for r in report["resized"]}
+    assert set(resized) == {"fro_ckpt=1,thr=-3.55", "sv_fro=0.9"}
+    lora_bytes = report["train"]["bytes"]
+    for r in resized.values():
+        assert r["status"] == "written"
+        size = read_header(r["path"]).file_size
+        assert size == r["bytes_after"] < lora_bytes
+        assert r["rank_after"] < r["rank_before"]
+        ranks = sum(i.shape[0] for k, i in read_header(r["path"]).tensors.items() if k.endswith("lora_down.weight"))
+        assert ranks == r["rank_after"]
+
+
+def test_demo_checks_merges_and_reads_metadata(demo_run):
+    out, report, _ = demo_run
+    assert [c["path"] for c in report["checks"]] == [report["train"]["lora"], *(r["path"] for r in report["resized"])]
+    for c in report["checks"]:
+        assert sum(c["counts"].values()) == c["modules"] > 0
+
+    merge = report["merge"]
+    assert merge["applied"] == merge["modules"] > 0 and merge["verified"] is True
+    merged = open_model(merge["path"])
+    base = open_model(report["base"]["single_file"])
+    assert merged.layout == "single_file" and set(merged.components[""]) == set(base.components[""])
+    changed = [k for k in base.components[""]
+               if not base.components[""][k].equal(merged.components[""][k])]
+    # every patched weight changed, except those of the modules the check found dead (zero deltas)
+    dead = report["checks"][0]["counts"].get("dead", 0)
+    assert len(changed) == merge["patched_keys"] - dead > 0
+    for key in ("preview_base", "preview_merged"):
+        with open(merge[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    meta = report["metadata"]
+    assert meta["architecture"] == "SDXL"
+    assert ["tinychar", 4] in meta["trigger_words"]
+    assert meta["datasets"] == [{"folder": "5_tinychar", "images": 4, "repeats": 5, "regularization": False}]
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "-m", "loratools", "demo", "--quick", "-o", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--overwrite" in proc.stderr and str(tmp_path) in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
