@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -56,7 +57,16 @@ def test_demo_trains_and_samples(demo_run):
     for path in train["samples"]:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert (out / "train" / "recipe.toml").is_file() and train["command"].startswith("loratools train --config ")
+    # the command shown for the step (paths relative to where the demo ran, quoted for the shell) is a
+    # valid configuration of the same run
+    argv = shlex.split(train["command"])
+    assert argv == ["loratools", "train", "--config", "out dir/train/recipe.toml"]
+    proc = subprocess.run([sys.executable, "-m", *argv, "--dry-run", "--json"], capture_output=True, text=True,
+                          cwd=out.parent, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    dry = json.loads(proc.stdout)
+    assert dry["config"]["max_train_steps"] == 8 and dry["config"]["network_args"] == ["conv_dim=4", "conv_alpha=2"]
+    assert dry["outputs"] == [train["lora"]]
 
 
 def test_demo_resizes_to_smaller_files(demo_run):

@@ -72,8 +72,8 @@ def _render(r: DemoResult) -> None:
     root = r.output_dir
     hb = out.human_bytes
     where = [
-        ("base model", "single-file checkpoint", _rel(r.base.single_file, root)),
-        ("base model", "diffusers folder", _rel(r.base.diffusers_dir, root) + "/"),
+        ("base", "single-file checkpoint", _rel(r.base.single_file, root)),
+        ("base", "diffusers folder", _rel(r.base.diffusers_dir, root) + "/"),
         ("dataset", f"{r.dataset.images} images + captions", _rel(r.dataset.concept_dir, root) + "/"),
         ("train", "recipe (sd-scripts flags)", _rel(r.train.recipe, root)),
         ("train", "LoCon", _rel(r.train.lora, root)),
@@ -93,31 +93,29 @@ def _render(r: DemoResult) -> None:
     lo, hi = r.metadata.network.get("network dim"), r.metadata.network.get("network alpha")
     triggers = ", ".join(f"{t} ({c})" for t, c in r.metadata.trigger_words[:3])
     produced = [
-        ("base model", f"tiny {r.base.arch.upper()}, {r.base.parameters / 1e6:.2f} M parameters, "
-                       f"{hb(r.base.single_file_bytes)} single file", f"{r.base.seconds:.1f}"),
-        ("dataset", f"{r.dataset.images} images x {r.dataset.repeats} repeats, trigger word '{r.dataset.trigger}'",
-         f"{r.dataset.seconds:.1f}"),
+        ("base", f"tiny {r.base.arch.upper()}, {r.base.parameters / 1e6:.2f} M parameters, "
+                       f"{hb(r.base.single_file_bytes)} single file"),
+        ("dataset", f"{r.dataset.images} images x {r.dataset.repeats} repeats, trigger word '{r.dataset.trigger}'"),
         ("train", f"{r.train.network}: {r.train.steps} steps, loss {first:.4f} -> {last:.4f} (mean of first/last "
-                  f"{n} steps), {r.train.modules} modules, {hb(r.train.bytes)}, {len(r.train.samples)} sample images",
-         f"{r.train.seconds:.1f}"),
-        *((f"resize {x.recipe}", f"rank {x.rank_before} -> {x.rank_after}, {hb(x.bytes_before)} -> "
-                                 f"{hb(x.bytes_after)}, Frobenius {100 * x.fro_retained:.1f} % kept, "
-                                 f"{x.layers_dropped} layers dropped" + ("" if x.status == "written"
-                                                                          else f" ({x.status})"), "")
+                  f"{n} steps), {r.train.modules} modules, {hb(r.train.bytes)}, {len(r.train.samples)} sample images"),
+        *(("resize", f"{x.recipe}: rank {x.rank_before} -> {x.rank_after}, {hb(x.bytes_before)} -> "
+                     f"{hb(x.bytes_after)}, Frobenius {100 * x.fro_retained:.1f} % kept, {x.layers_dropped} "
+                     "layers dropped" + ("" if x.status == "written" else f" ({x.status})"))
           for x in r.resized),
-        *((f"check {_rel(c.path, root)}", "; ".join(c.explanations), "") for c in r.checks),
+        *(("check", f"{c.path.name}: " + "; ".join(c.explanations)) for c in r.checks),
         ("merge", f"applied {r.merge.applied}/{r.merge.modules} modules at ratio {r.merge.ratio:g}, "
                   f"{r.merge.patched_keys} weights changed, {r.merge.copied_keys} copied, verify "
                   f"{'ok' if r.merge.verified else 'FAILED' if r.merge.verified is False else 'skipped'}; "
-                  f"preview pixels changed by {100 * r.merge.preview_change:.2f} % on average",
-         f"{r.merge.seconds:.1f}"),
+                  f"preview pixels changed by {100 * r.merge.preview_change:.2f} % on average"),
         ("metadata", f"{r.metadata.architecture} LoRA, dim {lo} / alpha {hi}, base "
-                     f"{r.metadata.base_model.get('name', '?')}; trigger words: {triggers}", ""),
+                     f"{r.metadata.base_model.get('name', '?')}; trigger words: {triggers}"),
     ]
-    for name, key in (("resize", "resize"), ("check", "check"), ("metadata", "metadata")):
-        index = next(i for i, row in enumerate(produced) if row[0].startswith(name))
-        produced[index] = (*produced[index][:2], f"{r.steps_seconds.get(key, 0.0):.1f}")
-    out.console.print(out.table("What each step produced", ["step", "result", "s"], produced, justify_right=["s"]))
+    seen: set[str] = set()
+    rows = []
+    for step, text in produced:  # each step's time on its first row
+        rows.append((step, text, "" if step in seen else f"{r.steps_seconds.get(step, 0.0):.1f}"))
+        seen.add(step)
+    out.console.print(out.table("What each step produced", ["step", "result", "s"], rows, justify_right=["s"]))
 
     commands = [("train", r.train.command), ("resize", r.resize_command), ("check", r.check_command),
                 ("merge", r.merge.command), ("metadata", r.metadata.command)]

@@ -26,7 +26,8 @@ import json
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,6 @@ class BaseReport:
     diffusers_dir: Path
     single_file_bytes: int
     parameters: int
-    seconds: float
 
 
 @dataclass
@@ -120,7 +120,6 @@ class DatasetReport:
     repeats: int
     trigger: str
     example_caption: str
-    seconds: float
 
 
 @dataclass
@@ -136,7 +135,6 @@ class TrainReport:
     recipe: Path
     warnings: list[str]
     command: str
-    seconds: float
 
     @property
     def loss_first(self) -> float:
@@ -192,7 +190,6 @@ class MergeReport:
     preview_merged: Path
     preview_change: float  # mean |merged - base| pixel difference, 0..1
     command: str
-    seconds: float
 
 
 @dataclass
@@ -218,13 +215,12 @@ class DemoResult:
     train: TrainReport
     resized: list[ResizeReport]
     resize_command: str
-    resize_seconds: float
     checks: list[CheckReport]
     check_command: str
     merge: MergeReport
     metadata: MetadataReport
     seconds: float
-    steps_seconds: dict[str, float] = field(default_factory=dict)
+    steps_seconds: dict[str, float] = field(default_factory=dict)  # step name -> wall seconds
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (paths as strings); also written to ``report.json``."""
@@ -287,7 +283,6 @@ def prepare_output(folder: Path, overwrite: bool) -> None:
 def _build_base(out: Path, arch: str, seed: int) -> BaseReport:
     from loratools.tiny import build_pipeline, save_diffusers, save_single_file
 
-    t0 = time.perf_counter()
     pipe = build_pipeline(arch, seed=seed)
     folder = out / "base"
     folder.mkdir()
@@ -301,17 +296,15 @@ def _build_base(out: Path, arch: str, seed: int) -> BaseReport:
             shutil.copytree(diffusers_dir / tok, folder / tok)
     params = sum(p.numel() for name_, m in pipe.components.items()
                  if hasattr(m, "parameters") for p in m.parameters())
-    return BaseReport(arch, single, diffusers_dir, single.stat().st_size, params, time.perf_counter() - t0)
+    return BaseReport(arch, single, diffusers_dir, single.stat().st_size, params)
 
 
 def _make_dataset(out: Path, arch: str, settings: Settings, seed: int) -> DatasetReport:
     from loratools.tiny import make_dataset
 
-    t0 = time.perf_counter()
     ds = make_dataset(out / "dataset", arch, settings.images, repeats=settings.repeats, concept=CONCEPT, seed=seed)
     example = next(iter(ds.captions.values()), "")
-    return DatasetReport(ds.root, ds.concept_dir, len(ds.images), ds.repeats, ds.trigger, example,
-                         time.perf_counter() - t0)
+    return DatasetReport(ds.root, ds.concept_dir, len(ds.images), ds.repeats, ds.trigger, example)
 
 
 def train_argv(base: Path, data: Path, out: Path, prompts: Path, arch: str, settings: Settings,
@@ -339,7 +332,6 @@ def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settin
     from trainer.config import config_to_toml, resolve_config
     from trainer.run import train
 
-    t0 = time.perf_counter()
     folder = out / "train"
     folder.mkdir()
     prompts = folder / "prompts.txt"
@@ -360,8 +352,7 @@ def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settin
     modules = sum(summarize(result.final_file).module_counts.values())
     return TrainReport(result.final_file, result.final_file.stat().st_size, "LoCon (networks.lora with conv_dim)",
                        modules, result.global_step, list(result.losses), list(result.sample_files), prompts, recipe,
-                       list(result.warnings), _command("loratools", "train", "--config", recipe),
-                       time.perf_counter() - t0)
+                       list(result.warnings), _command("loratools", "train", "--config", recipe))
 
 
 def _resize(out: Path, base: BaseReport, lora: Path) -> tuple[list[ResizeReport], str]:
@@ -394,7 +385,6 @@ def _merge(out: Path, base: BaseReport, lora: Path, seed: int) -> MergeReport:
     from loratools.ops.merge import MergeOptions, WeightedPath, merge_checkpoint
     from loratools.tiny import load_single_file, render
 
-    t0 = time.perf_counter()
     folder = out / "merged"
     folder.mkdir()
     target = folder / f"tiny-{base.arch}-{CONCEPT}.safetensors"
@@ -409,8 +399,7 @@ def _merge(out: Path, base: BaseReport, lora: Path, seed: int) -> MergeReport:
     change = float(np.abs(images["merged"] - images["base"]).mean())
     return MergeReport(target, target.stat().st_size, ratio, rep.modules, rep.applied, res.patched_keys,
                        res.copied_keys, res.verified, previews["base"], previews["merged"], change,
-                       _command("loratools", "merge", base.single_file, f"{_shown(lora)}:{ratio:g}", "-o", target, "--verify"),
-                       time.perf_counter() - t0)
+                       _command("loratools", "merge", base.single_file, f"{_shown(lora)}:{ratio:g}", "-o", target, "--verify"))
 
 
 def _save_png(image: Any, path: Path) -> Path:
@@ -456,9 +445,36 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> DemoResu
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(options, progress)
+        with _quiet_libraries():
+            return _run(options, progress)
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Hide diffusers' and transformers' notes and progress bars for the demo's duration.
+
+    They are about the libraries' own internals (torchvision is not installed, float32 modules,
+    "Writing model shards" bars for a 6 MB model) and would bury the seven step lines; the
+    trainer's own summary and progress bar still show. Levels are restored after.
+    """
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = (tlog.get_verbosity(), dlog.get_verbosity())
+    bars = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled())
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(levels[0])
+        dlog.set_verbosity(levels[1])
+        for lib, enabled in ((tlog, bars[0]), (dlog, bars[1])):
+            (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
 
 
 def _run(options: DemoOptions, progress: Progress | None) -> DemoResult:
@@ -488,7 +504,7 @@ def _run(options: DemoOptions, progress: Progress | None) -> DemoResult:
     merge = step("merge", "merging the LoCon into the base checkpoint (with --verify)",
                  lambda: _merge(out, base, train.lora, options.seed))
     meta = step("metadata", "reading the LoCon's metadata", lambda: _metadata(train.lora))
-    result = DemoResult(out, options.arch, base, dataset, train, resized, resize_cmd, timings["resize"], checks,
+    result = DemoResult(out, options.arch, base, dataset, train, resized, resize_cmd, checks,
                         check_cmd, merge, meta, time.perf_counter() - t_start, timings)
     (out / "report.json").write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
     return result
