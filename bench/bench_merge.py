@@ -104,11 +104,13 @@ def _child(base: Path, lora: Path, out: Path) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     anon0 = _status_kib("RssAnon")
+    cpu0 = time.process_time()
     start = time.perf_counter()
     result = merge_checkpoint(MergeOptions(base, [WeightedPath(lora, 0.8)], out))
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
     done.set()
-    print(json.dumps({"merge_s": elapsed, "baseline_rss_mib": baseline / 1024,
+    print(json.dumps({"merge_s": elapsed, "merge_cpu_s": cpu, "baseline_rss_mib": baseline / 1024,
                       "peak_rss_above_mib": (_status_kib("VmHWM") - baseline) / 1024,
                       "peak_anon_above_mib": (peak_anon[0] - anon0) / 1024,
                       "patched": result.patched_keys, "copied": result.copied_keys,
@@ -153,14 +155,16 @@ def main() -> None:
         copy_after = _plain_copy(base, work / "copy.bin")
         numbers = json.loads(proc.stdout.strip().splitlines()[-1])
         copy_s = (copy_before + copy_after) / 2
-        numbers |= {"model": args.model, "file_gib": base.stat().st_size / 2**30, "copy_s": copy_s,
+        numbers |= {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "model": args.model, "file_gib": base.stat().st_size / 2**30, "copy_s": copy_s,
                     "copy_runs_s": [copy_before, copy_after], "merge_process_s": process_s,
                     "ratio_to_copy": numbers["merge_s"] / copy_s, "process_ratio_to_copy": process_s / copy_s}
         print(json.dumps(numbers, indent=2))
         print(f"\n{args.model}: {numbers['file_gib']:.2f} GiB, LoCon {numbers['applied']}/{numbers['modules']} modules; "
               f"peak RSS above torch-imported interpreter {numbers['peak_rss_above_mib']:.0f} MiB "
               f"(anonymous {numbers['peak_anon_above_mib']:.0f} MiB); merge {numbers['merge_s']:.1f} s vs copy "
-              f"{copy_s:.1f} s = {numbers['ratio_to_copy']:.2f}x (whole process {numbers['process_ratio_to_copy']:.2f}x)")
+              f"{copy_s:.1f} s = {numbers['ratio_to_copy']:.2f}x (whole process {numbers['process_ratio_to_copy']:.2f}x; "
+              f"merge CPU {numbers['merge_cpu_s']:.0f} s; load average {numbers['load_average'][0]:.1f} on "
+              f"{numbers['cpus']} cores)")
     finally:
         out.unlink(missing_ok=True)
         (work / "copy.bin").unlink(missing_ok=True)

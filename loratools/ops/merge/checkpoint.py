@@ -19,6 +19,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,7 +245,14 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
 
 
 class _Writer:
-    """Produces each output tensor on demand and counts what it patched and copied."""
+    """Produces each output tensor on demand and counts what it patched and copied.
+
+    While the io writer writes (and hashes) one tensor, the next tensor that needs fusing is
+    already being computed on a worker thread: file writes, hashing and torch kernels all release
+    the GIL, so on two cores I/O and maths overlap. At most one fused tensor is computed ahead, so
+    memory stays at two tensors. The order comes from ``loratools.io.dtypes.sort_key`` (the order the
+    writer asks in); a name asked out of that order is simply computed on the spot.
+    """
 
     def __init__(self, source: ModelSource, plan: MergePlan, out_dtype: torch.dtype | None,
                  names: Sequence[str], progress: ProgressFn | None) -> None:
@@ -257,19 +265,38 @@ class _Writer:
         self._pending: tuple[Mapping, str] | None = None
         self.patched = 0
         self.copied = 0
+        self._ahead: list[str] = []  # patched names still to compute, in write order
+        self._futures: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def dtype_for(self, t: torch.Tensor) -> torch.dtype:
         return self.out_dtype if self.out_dtype is not None and t.is_floating_point() else t.dtype
 
-    def produce(self, component: str, sd: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    def _fuse(self, component: str, sd: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         from loratools.ops.merge.fuse import fuse
 
+        base = sd[name]
+        return fuse(name, base, self.plan.patches[(component, name)], self.dtype_for(base), self.names)
+
+    def _prefetch(self, component: str, sd: Mapping[str, torch.Tensor]) -> None:
+        while self._ahead and self._ahead[0] in self._futures:
+            self._ahead.pop(0)
+        if self._ahead and not self._futures and self._pool is not None:
+            name = self._ahead.pop(0)
+            self._futures[name] = self._pool.submit(self._fuse, component, sd, name)
+
+    def produce(self, component: str, sd: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         self.release()  # the writer has written the previous tensor by now
         base = sd[name]
         patches: list[Patch] | None = self.plan.patches.get((component, name))
         dtype = self.dtype_for(base)
         if patches:
-            out = fuse(name, base, patches, dtype, self.names)
+            future = self._futures.pop(name, None)
+            if name in self._ahead:
+                self._ahead.remove(name)
+            self._prefetch(component, sd)  # start the next one before waiting for this one
+            out = future.result() if future is not None else self._fuse(component, sd, name)
+            self._prefetch(component, sd)
             self.patched += 1
         else:
             out = base if base.dtype == dtype else base.to(dtype)
@@ -309,16 +336,24 @@ class _Writer:
                    overwrite: bool, protected: Sequence[Path], keys: Sequence[str] | None = None) -> WrittenFile:
         from loratools.io import TensorSpec, write_safetensors
 
+        from loratools.io.dtypes import from_torch, sort_key
+
         names = list(sd) if keys is None else list(keys)
         specs = []
         for name in names:
             t = sd[name]  # lazy: a view of the mapped file, no data read
             specs.append(TensorSpec(name, self.dtype_for(t), tuple(t.shape)))
+        order = sorted(specs, key=lambda spec: sort_key(spec.name, from_torch(spec.dtype)))
+        self._ahead = [spec.name for spec in order if (component, spec.name) in self.plan.patches]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-fuse")
         try:
+            self._prefetch(component, sd)
             return write_safetensors(path, specs, lambda n: self.produce(component, sd, n), metadata,
                                      overwrite=overwrite, protected=protected,
                                      sshs_hashes=any(k.startswith("sshs_") for k in (getattr(sd, "metadata", None) or {})))
         finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._futures, self._ahead = None, {}, []
             self.release()
 
 
