@@ -97,9 +97,12 @@ class Trainer:
     train_unet: bool
     train_text_encoder: bool
     snr: torch.Tensor = field(init=False)
+    te_cache: dict | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.snr = losses.snr_table(self.noise_scheduler)
+        if self.cfg.cache_text_encoder_outputs or self.cfg.cache_text_encoder_outputs_to_disk:
+            self.te_cache = {}
 
     @property
     def device(self) -> torch.device:
@@ -124,8 +127,26 @@ class Trainer:
         if self.train_text_encoder:
             with self.accelerator.autocast():
                 return self.text.encode(batch["captions"])
-        with torch.no_grad(), self.accelerator.autocast():
-            return self.text.encode(batch["captions"])
+        if self.te_cache is None:
+            with torch.no_grad(), self.accelerator.autocast():
+                return self.text.encode(batch["captions"])
+        return self._cached_conditioning(batch["captions"])
+
+    def _cached_conditioning(self, captions: list[str]):
+        """`--cache_text_encoder_outputs`: each distinct caption is encoded once (captions are
+        fixed: the config refuses shuffling/dropout with this flag)."""
+        from trainer.text_encoding import TextConditioning
+
+        missing = [c for c in dict.fromkeys(captions) if c not in self.te_cache]
+        if missing:
+            with torch.no_grad(), self.accelerator.autocast():
+                cond = self.text.encode(missing)
+            for i, caption in enumerate(missing):
+                self.te_cache[caption] = (cond.hidden[i].detach(),
+                                          None if cond.pooled is None else cond.pooled[i].detach())
+        hidden = torch.stack([self.te_cache[c][0] for c in captions])
+        pooled = None if self.model.arch != "sdxl" else torch.stack([self.te_cache[c][1] for c in captions])
+        return TextConditioning(hidden, pooled)
 
     def compute_loss(self, batch: dict) -> StepOutput:
         """The per-batch loss of spec 2.2 (latents, noise, UNet, target, elementwise loss, weights)."""

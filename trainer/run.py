@@ -120,6 +120,9 @@ def train(cfg: Any) -> TrainResult:
             accelerator.wait_for_everyone()
     assert model is not None
     arch = model.arch
+    if cfg.cache_text_encoder_outputs_to_disk:
+        warnings.append("--cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory; no "
+                        "*_te_outputs.npz files are written")
     if arch == "sdxl" and cfg.clip_skip:
         warnings.append("--clip_skip has no effect on SDXL (it always uses the penultimate layers)")
     weight_dtype = _dtype(cfg.mixed_precision)

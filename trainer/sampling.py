@@ -25,7 +25,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
 }
@@ -45,11 +45,14 @@ def make_scheduler(name: str, v_parameterization: bool):
     import diffusers
 
     cls_name, extra = SAMPLERS[sampler_key(name)]
-    cls = getattr(diffusers, cls_name)
     config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
               "beta_schedule": "scaled_linear", "prediction_type": "v_prediction" if v_parameterization else "epsilon",
               "steps_offset": 1, **extra}
-    sched = cls(**config)
+    try:
+        sched = getattr(diffusers, cls_name).from_config(config)  # tolerates keys a scheduler does not take
+    except ImportError as exc:  # LMS needs scipy
+        raise UsageError(f"sampler {name} is unavailable: {str(exc).strip().splitlines()[0]} "
+                         "(pip install scipy), or pick another --sample_sampler") from None
     if getattr(sched.config, "clip_sample", None) is False:
         sched.register_to_config(clip_sample=True)
     return sched
