@@ -24,14 +24,6 @@ from lycoris.modules.norms import NormModule as LyNorm
 from loratools.adapters import LoRAModule, parse_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on the shared, loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 LIN = ("linear", 24, 32)
 CONV3 = ("conv", 24, 32, (3, 3))
 CONV31 = ("conv", 24, 32, (3, 1))

@@ -14,14 +14,6 @@ from loratools.adapters.base import AdapterModule
 from loratools.errors import InvalidFileError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on the shared, loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 FIXTURES = Path("/work/shared/fixtures")
 LORA_FIXTURES = sorted(FIXTURES.glob("lora_*.json"))
 _DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64}

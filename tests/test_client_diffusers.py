@@ -21,15 +21,6 @@ from loratools.tiny import build_pipeline, make_lora, render
 TOLERANCE = 5e-5  # images in [0, 1]; observed differences are ~1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on the shared, loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _diffusers_format(tensors: dict) -> dict:
     """PEFT keys as diffusers' training scripts save them: `lora.down` (UNet), `lora_linear_layer` (TE)."""
     out = {}

@@ -18,15 +18,6 @@ from loratools.ops.convert import ConvertOptions, ModulePaths, convert
 from loratools.tiny import make_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~40x faster than two on the shared, loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _by_path(adapter, table) -> dict:
     paths = ModulePaths(table)
     return {paths.locate(name): m for name, m in adapter.modules.items()}
