@@ -116,3 +116,17 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     assert proc.returncode == 2
     assert "--overwrite" in proc.stderr and str(tmp_path) in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_demo_sd1(tmp_path):
+    """--arch sd1 runs the same steps on the SD1-like model (in-process, two training steps: the wiring)."""
+    from loratools.ops.demo import DemoOptions, run_demo
+
+    lines: list[str] = []
+    r = run_demo(DemoOptions(tmp_path / "sd1", arch="sd1", steps=2, quick=True), progress=lines.append)
+    assert len(lines) == 7 and r.metadata.architecture == "SD1" and r.train.steps == 2
+    assert any(k.startswith("lora_te_") for k in read_header(r.train.lora).tensors)
+    assert all(x.bytes_after < r.train.bytes for x in r.resized)
+    assert r.merge.applied == r.merge.modules and r.merge.verified is True
+    assert "model.diffusion_model.input_blocks.0.0.weight" in read_header(r.merge.path).tensors
+    assert json.loads((tmp_path / "sd1" / "report.json").read_text())["arch"] == "sd1"

@@ -120,5 +120,6 @@ def _render(r: DemoResult) -> None:
     commands = [("train", r.train.command), ("resize", r.resize_command), ("check", r.check_command),
                 ("merge", r.merge.command), ("metadata", r.metadata.command)]
     out.console.print(out.table("Each step on your own files", ["step", "command"], commands))
-    out.console.print(f"done in {r.seconds:.0f} s; open the sample images in {_rel(r.train.samples[0].parent, root)}/"
-                      if r.train.samples else f"done in {r.seconds:.0f} s", soft_wrap=True)
+    out.console.print(f"done in {r.seconds:.0f} s. The tiny models have random weights, so their images are "
+                      "noise patterns; what to look at is how each step's files and numbers change. To run the "
+                      "same steps on a real model, use the commands above with your own files.", soft_wrap=True)
