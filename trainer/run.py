@@ -75,7 +75,11 @@ def _make_accelerator(cfg):
                 import wandb  # noqa: F401
             except ImportError:
                 raise UsageError("--log_with wandb needs the wandb package (pip install wandb)") from None
-    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    # Several processes without a GPU (accelerate launch / torchrun on CPUs): DDP over gloo.
+    import os
+
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu_ddp,
                        mixed_precision=cfg.mixed_precision or "no",
                        log_with=None if not log_with else ("all" if log_with == "all" else [log_with]),
                        project_config=project)
