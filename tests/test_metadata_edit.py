@@ -112,4 +112,9 @@ def test_refusals(lora, tmp_path):
     value_file = tmp_path / "desc.txt"
     value_file.write_text("long\ntext", encoding="utf-8")
     assert parse_assignments(["a=b=c", f"d=@{value_file}"]) == {"a": "b=c", "d": "long\ntext"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["desc.txt", "exists.safetensors", "in.safetensors"]
+    binary = tmp_path / "thumb.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xf0\x9f")
+    with pytest.raises(UsageError, match="thumb.png is not UTF-8 text"):  # was a UnicodeDecodeError traceback
+        parse_assignments([f"modelspec.thumbnail=@{binary}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desc.txt", "exists.safetensors", "in.safetensors",
+                                                          "thumb.png"]

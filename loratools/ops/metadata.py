@@ -363,6 +363,9 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
                 value = Path(value[1:]).read_text(encoding="utf-8")
             except OSError as exc:
                 raise UsageError(f"{key}: cannot read value file {value[1:]} ({exc.strerror})") from None
+            except UnicodeDecodeError:
+                raise UsageError(f"{key}: value file {value[1:]} is not UTF-8 text; metadata values are "
+                                 "strings (pass a text or JSON file)") from None
         out[key] = value
     return out
 
