@@ -101,7 +101,8 @@ def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verif
         out.print_json({
             "output": str(result.output), "layout": result.layout, "arch": result.arch,
             "patched_keys": result.patched_keys, "copied_keys": result.copied_keys,
-            "files": [{"path": str(f.path), "size": f.size} for f in result.files],
+            "files": [{"path": str(f.path), "size": f.size, "sha256": f.sha256, "autov2": f.autov2}
+                      for f in result.files],
             "adapters": [{"path": str(a.path), "ratio": a.ratio, "applied": a.applied, "modules": a.modules,
                           "unmatched": a.unmatched, "sha256": a.sha256, "autov2": a.autov2} for a in result.adapters],
             "verify": None if result.verify is None else [vars(r) for r in result.verify],
