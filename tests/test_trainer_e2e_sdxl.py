@@ -72,9 +72,13 @@ def test_sdxl_lora_unet_only_from_diffusers_folder(tiny_sdxl_dir, sdxl_data, tmp
     out = tmp_path / "out"
     cfg = resolve_config(_args(tiny_sdxl_dir, sdxl_data, out, "--max_train_steps", "2", "--network_train_unet_only",
                                "--network_args", "conv_dim=2", "--optimizer_type", "AdamWScheduleFree",
-                               "--loss_type", "huber", "--huber_schedule", "exponential", "--flip_aug"))
+                               "--loss_type", "huber", "--huber_schedule", "exponential", "--flip_aug",
+                               "--validation_split", "0.25", "--validate_every_n_steps", "1"))
     result = train(cfg)
     assert len(result.losses) == 2
+    # after steps 1 and 2, and at the end of the (cut) epoch; finite, fixed timesteps
+    assert [s for s, _ in result.validation_losses] == [1, 2, 2]
+    assert all(0 < v < 10 for _, v in result.validation_losses)
     reader = open_safetensors(result.final_file)
     names = {k.split(".")[0] for k in reader}
     assert names and all(n.startswith("lora_unet_") for n in names)

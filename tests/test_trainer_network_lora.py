@@ -221,3 +221,25 @@ def test_continue_from_weights_with_per_layer_ranks(tiny_sd1):
     for k in sd:
         torch.testing.assert_close(got[k], sd[k].float())
     assert dict((m.lora_name, m.lora_dim) for m in again.all_loras)[first] == 1
+
+
+def test_base_weights_are_merged_with_their_multiplier(tmp_path):
+    from loratools.io.writer import save_tensors
+    from loratools.tiny import build_pipeline
+    from trainer.base_weights import merge_base_weights
+
+    pipe = build_pipeline("sd1")
+    net = LoRANetwork("sd1", pipe.unet, [pipe.text_encoder], NetworkOptions.from_args("sd1", 2, 1, None, {}))
+    for i, m in enumerate(net.all_loras):
+        _randomise(m, 100 + i)
+    target = net.unet_loras[0]
+    expected = target.org_module.weight.detach().clone() + 0.5 * target.delta_weight().reshape(target.org_module.weight.shape)
+    file = tmp_path / "base.safetensors"
+    save_tensors(file, net.kohya_state_dict())
+    fresh = build_pipeline("sd1")
+    merged = merge_base_weights("sd1", fresh.unet, [fresh.text_encoder], [str(file)], [0.5])
+    assert merged == len(net.all_loras)
+    module = dict(fresh.unet.named_modules())[next(p for p, mm in pipe.unet.named_modules() if mm is target.org_module)]
+    torch.testing.assert_close(module.weight, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="one per file"):
+        merge_base_weights("sd1", fresh.unet, [fresh.text_encoder], [str(file)], [0.5, 1.0])

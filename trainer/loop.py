@@ -148,7 +148,7 @@ class Trainer:
         pooled = None if self.model.arch != "sdxl" else torch.stack([self.te_cache[c][1] for c in captions])
         return TextConditioning(hidden, pooled)
 
-    def compute_loss(self, batch: dict) -> StepOutput:
+    def compute_loss(self, batch: dict, fixed_timestep: int | None = None) -> StepOutput:
         """The per-batch loss of spec 2.2 (latents, noise, UNet, target, elementwise loss, weights)."""
         cfg = self.cfg
         if batch.get("latents") is not None:
@@ -157,7 +157,7 @@ class Trainer:
             latents = self.encode_images(batch["images"])
         latents = (latents * self.model.latent_scaling).to(self.weight_dtype)
         cond = self.conditioning(batch)
-        noise, noisy, timesteps = losses.noise_and_timesteps(cfg, self.noise_scheduler, latents)
+        noise, noisy, timesteps = losses.noise_and_timesteps(cfg, self.noise_scheduler, latents, fixed_timestep)
         if cfg.gradient_checkpointing:
             noisy.requires_grad_(True)
             cond.hidden.requires_grad_(True)
@@ -183,6 +183,36 @@ class Trainer:
             loss = loss * weights.to(loss.device, dtype=loss.dtype)
         loss = losses.post_process(loss, cfg, timesteps, self.snr, self.model.v_parameterization)
         return StepOutput(loss.mean(), loss.detach(), timesteps)
+
+
+def validation_loss(trainer: Trainer, dataset, seed: int, max_steps: int | None) -> float:
+    """Mean loss over the held-out batches at sd-scripts' fixed timesteps, with the RNG switched to
+    the validation seed and restored afterwards (training randomness is unaffected)."""
+    import random
+
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    py_state = random.getstate()
+    was_training = trainer.network.training
+    trainer.network.eval()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    total, count = 0.0, 0
+    try:
+        n = len(dataset) if not max_steps else min(len(dataset), max_steps)
+        with torch.no_grad():
+            for i in range(n):
+                batch = dataset[i]
+                for t in losses.validation_timesteps(trainer.cfg.min_timestep, trainer.cfg.max_timestep):
+                    total += float(trainer.compute_loss(batch, fixed_timestep=t).loss)
+                    count += 1
+    finally:
+        trainer.network.train(was_training)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        random.setstate(py_state)
+    return total / max(1, count)
 
 
 def sync_gradients(params: list[torch.nn.Parameter], accelerator) -> None:

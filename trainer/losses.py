@@ -51,8 +51,9 @@ def sample_timesteps(min_timestep: int, max_timestep: int, batch: int, device) -
     return t.long().to(device)
 
 
-def noise_and_timesteps(cfg: Any, noise_scheduler, latents: torch.Tensor):
-    """(noise, noisy_latents, timesteps) with offset, pyramid and input-perturbation noise."""
+def noise_and_timesteps(cfg: Any, noise_scheduler, latents: torch.Tensor, fixed_timestep: int | None = None):
+    """(noise, noisy_latents, timesteps) with offset, pyramid and input-perturbation noise;
+    `fixed_timestep` pins t (validation loss)."""
     noise = torch.randn_like(latents)
     if cfg.noise_offset:
         offset = cfg.noise_offset
@@ -63,6 +64,8 @@ def noise_and_timesteps(cfg: Any, noise_scheduler, latents: torch.Tensor):
         noise = pyramid_noise_like(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount)
     min_t = 0 if cfg.min_timestep is None else cfg.min_timestep
     max_t = noise_scheduler.config.num_train_timesteps if cfg.max_timestep is None else cfg.max_timestep
+    if fixed_timestep is not None:
+        min_t = max_t = fixed_timestep
     timesteps = sample_timesteps(min_t, max_t, latents.shape[0], latents.device)
     if cfg.ip_noise_gamma:
         strength = cfg.ip_noise_gamma
@@ -72,6 +75,14 @@ def noise_and_timesteps(cfg: Any, noise_scheduler, latents: torch.Tensor):
     else:
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     return noise, noisy, timesteps
+
+
+def validation_timesteps(min_timestep: int | None, max_timestep: int | None, count: int = 4) -> list[int]:
+    """sd-scripts' fixed validation timesteps: `count` evenly spaced inside [min, max], ends excluded."""
+    lo = 0 if min_timestep is None else min_timestep
+    hi = 1000 if max_timestep is None else max_timestep
+    step = (hi - lo) / (count + 1)
+    return [int(lo + step * (i + 1)) for i in range(count)]
 
 
 def huber_c(cfg: Any, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor | None:

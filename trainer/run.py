@@ -39,6 +39,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     latents_encoded: int = 0
     latents_reused: int = 0
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _version() -> str:
@@ -100,7 +101,8 @@ def train(cfg: Any) -> TrainResult:
 
     from trainer.config import parse_literal_args, parse_network_args
     from trainer.data import build_dataset
-    from trainer.loop import EpochSampler, LossRecorder, Trainer, TrainState, sync_gradients, unwrap_batch
+    from trainer.loop import (EpochSampler, LossRecorder, Trainer, TrainState, sync_gradients, unwrap_batch,
+                              validation_loss)
     from trainer.models import load_base_model, make_noise_scheduler
     from trainer.network import create_network
     from trainer.optim import create_optimizer, create_scheduler
@@ -124,6 +126,20 @@ def train(cfg: Any) -> TrainResult:
             accelerator.wait_for_everyone()
     assert model is not None
     arch = model.arch
+    if cfg.base_weights:
+        from trainer.base_weights import merge_base_weights
+
+        merged = merge_base_weights(model.arch, model.unet, model.text_encoders, cfg.base_weights,
+                                    cfg.base_weights_multiplier)
+        _say(accelerator, f"merged {merged} modules of {len(cfg.base_weights)} --base_weights files into the base model")
+    for flag, why in (("weighted_captions", "(tag:1.2) emphasis is read as plain caption text"),
+                      ("fp8_base", "base weights stay in the mixed-precision dtype"),
+                      ("fp8_base_unet", "base weights stay in the mixed-precision dtype"),
+                      ("cpu_offload_checkpointing", "checkpointed activations stay on the device"),
+                      ("torch_compile", "the UNet is not compiled"),
+                      ("persistent_data_loader_workers", "workers are restarted each epoch so they see the epoch")):
+        if getattr(cfg, flag, False):
+            warnings.append(f"--{flag} has no effect in this trainer: {why}")
     if cfg.cache_text_encoder_outputs_to_disk:
         warnings.append("--cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory; no "
                         "*_te_outputs.npz files are written")
@@ -137,6 +153,14 @@ def train(cfg: Any) -> TrainResult:
     cfg.model_type = arch
     dataset = build_dataset(cfg, num_processes=accelerator.num_processes)
     plan = dataset.plan
+    val_dataset = build_dataset(cfg, validation=True, seed=dataset.seed, num_processes=accelerator.num_processes) \
+        if cfg.validation_split else None
+    if cfg.debug_dataset:
+        for i in range(min(3, len(dataset))):
+            batch = dataset[i]
+            pixels = batch["latents"] if batch["latents"] is not None else batch["images"]
+            _say(accelerator, f"batch {i}: {tuple(pixels.shape)} captions={batch['captions']}")
+        return TrainResult(Path(cfg.output_dir), None, warnings=warnings)
     train_unet = not cfg.network_train_text_encoder_only
     train_te = not cfg.network_train_unet_only
     if cfg.cache_text_encoder_outputs and train_te:
@@ -163,6 +187,9 @@ def train(cfg: Any) -> TrainResult:
             accelerator.wait_for_everyone()
             dataset.cache_latents(trainer.encode_images, to_disk, sdxl=arch == "sdxl",
                                   latent_stride=model.vae_scale_factor, shard=shard)
+        if val_dataset is not None:
+            val_dataset.cache_latents(trainer.encode_images, to_disk, sdxl=arch == "sdxl",
+                                      latent_stride=model.vae_scale_factor, shard=(0, 1))
         _say(accelerator, f"latents: {report.encoded} encoded, {report.reused} cached files reused")
         cache_counts = (report.encoded, report.reused)
         model.vae.to("cpu")
@@ -337,6 +364,21 @@ def train(cfg: Any) -> TrainResult:
                          "norm/avg_key_norm": mean_norm})
         accelerator.log(logs, step=global_step)
 
+    val_seed = cfg.validation_seed if cfg.validation_seed is not None else seed
+
+    def validate(step_or_epoch: int, kind: str) -> None:
+        if val_dataset is None:
+            return
+        if schedule_free:
+            optimizer.eval()
+        value = validation_loss(trainer, val_dataset, val_seed, cfg.max_validation_steps)
+        if schedule_free:
+            optimizer.train()
+        result.validation_losses.append((global_step, value))
+        if accelerator.trackers:
+            accelerator.log({f"loss/validation/{kind}_average": value,
+                             f"loss/validation/{kind}_divergence": value - recorder.average}, step=step_or_epoch)
+
     schedule_free = opt_info.schedule_free
     done = global_step >= max_train_steps
     epoch = first_epoch
@@ -380,6 +422,8 @@ def train(cfg: Any) -> TrainResult:
                 if cfg.sample_every_n_steps and not cfg.sample_every_n_epochs and \
                         global_step % cfg.sample_every_n_steps == 0:
                     sample(None, global_step)
+                if cfg.validate_every_n_steps and global_step % cfg.validate_every_n_steps == 0:
+                    validate(global_step, "step")
                 if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0:
                     save(saving.step_file(name, global_step, ext), epoch + 1, global_step)
                     old = saving.step_to_remove(global_step, cfg.save_every_n_steps, cfg.save_last_n_steps)
@@ -406,6 +450,8 @@ def train(cfg: Any) -> TrainResult:
                 break
         if accelerator.trackers:
             accelerator.log({"loss/epoch_average": recorder.average}, step=epoch + 1)
+        if not cfg.validate_every_n_epochs or (epoch + 1) % cfg.validate_every_n_epochs == 0:
+            validate(epoch + 1, "epoch")
         accelerator.wait_for_everyone()
         if schedule_free:
             optimizer.eval()
