@@ -51,6 +51,7 @@ def _layers(pipe):
 CASES = {
     "loha": (LyLoha, dict(lora_dim=4, alpha=2), 0.7),
     "lokr": (LyLokr, dict(lora_dim=2, alpha=1, factor=4, decompose_both=True), 0.7),
+    "locon-tucker": (LyLoCon, dict(lora_dim=4, alpha=2, use_tucker=True), 0.7),
     "dora": (LyLoCon, dict(lora_dim=4, alpha=2, weight_decompose=True, wd_on_out=True), 1.0),
     "full": (LyFull, {}, 0.7),
     "ia3": (LyIA3, {}, 0.7),
