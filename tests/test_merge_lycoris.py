@@ -94,3 +94,26 @@ def test_merged_weights_equal_lycoris_forward(tiny_sd1, base, tmp_path, case):
         with torch.no_grad():
             want = module(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_deltas_merge_into_weight_and_bias(tiny_sd1, base, tmp_path):
+    from lycoris.modules.norms import NormModule as LyNorm
+
+    layer = tiny_sd1.unet.down_blocks[0].resnets[0].norm1
+    name = "lora_unet_down_blocks_0_resnets_0_norm1"
+    module = LyNorm(name, copy.deepcopy(layer), 0.7)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    module.apply_to()
+    lora = tmp_path / "norm.safetensors"
+    save_tensors(lora, {f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()
+                        if not k.startswith("org_")}, {"ss_base_model_version": "sd_v1"})
+    out = tmp_path / "merged.safetensors"
+    merge_checkpoint(MergeOptions(base, [WeightedPath(lora, 0.7)], out))
+    target = BaseIndex.from_key_shapes(open_safetensors(base).key_shapes()).resolve(name)
+    merged = open_safetensors(out)
+    x = torch.randn(2, layer.num_channels, 4, 4)
+    got = F.group_norm(x, layer.num_groups, merged[target.key].float(), merged[target.bias_key].float(), layer.eps)
+    with torch.no_grad():
+        torch.testing.assert_close(got, module(x), rtol=1e-5, atol=1e-5)
