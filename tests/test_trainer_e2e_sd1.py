@@ -146,9 +146,13 @@ def test_sd1_run_writes_kohya_files_that_lower_the_loss(tiny_sd1_dir, data_copy,
 def test_continue_from_network_weights_and_same_seed_is_reproducible(tiny_sd1_dir, tiny_dataset, tmp_path):
     first = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "a", "--max_train_steps", "2",
                                        "--network_train_unet_only")))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "tinychar", "width": 64, "height": 64, "sample_steps": 1}]))
     again = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "b", "--max_train_steps", "2",
-                                       "--network_train_unet_only")))
-    assert first.losses == again.losses
+                                       "--network_train_unet_only", "--sample_prompts", str(prompts),
+                                       "--sample_at_first", "--sample_every_n_steps", "1")))
+    assert len(again.sample_files) == 3
+    assert first.losses == again.losses  # same seed, and sampling leaves the training RNG alone
     start = open_safetensors(first.final_file)
     cont = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "c", "--max_train_steps", "1",
                                       "--network_train_unet_only", "--network_dim", "8",

@@ -492,4 +492,32 @@ def _dataset_metadata(dataset) -> dict:
                   "ss_reg_dataset_dirs": dataset.dataset_dirs(True)}
     layouts = dataset.layouts
     meta["ss_bucket_info"] = layouts[0].bucket_info() if len(layouts) == 1 and layouts[0].spec.enable_bucket else None
+    if dataset.cfg.dataset_config:
+        meta["ss_datasets"] = [_dataset_entry(layout) for layout in layouts]
+        del meta["ss_bucket_info"], meta["ss_reg_dataset_dirs"]
     return meta
+
+
+def _dataset_entry(layout) -> dict:
+    """One element of sd-scripts' `ss_datasets` (written when --dataset_config is used)."""
+    spec = layout.spec
+    subsets = []
+    for sub in spec.subsets:
+        cap = sub.caption
+        subsets.append({
+            "img_count": sum(1 for info in layout.images.values() if info.subset is sub), "num_repeats": sub.num_repeats, "color_aug": False,
+            "flip_aug": sub.flip_aug, "random_crop": sub.random_crop, "shuffle_caption": cap.shuffle_caption,
+            "keep_tokens": cap.keep_tokens, "keep_tokens_separator": cap.keep_tokens_separator,
+            "secondary_separator": cap.secondary_separator, "enable_wildcard": cap.enable_wildcard,
+            "caption_prefix": cap.caption_prefix, "caption_suffix": cap.caption_suffix,
+            "resize_interpolation": sub.resize_interpolation, "image_dir": sub.image_dir.name,
+            "class_tokens": sub.class_tokens, "is_reg": sub.is_reg,
+        })
+    return {
+        "is_dreambooth": True, "batch_size_per_device": spec.batch_size, "num_train_images": layout.num_train_images,
+        "num_reg_images": layout.num_reg_images, "resolution": list(spec.resolution),
+        "enable_bucket": spec.enable_bucket, "min_bucket_reso": spec.min_bucket_reso,
+        "max_bucket_reso": spec.max_bucket_reso, "tag_frequency": layout.tag_frequency,
+        "bucket_info": layout.bucket_info() if spec.enable_bucket else None,
+        "resize_interpolation": None, "subsets": subsets,
+    }
