@@ -12,6 +12,8 @@ import pytest
 from loratools.io import open_model, read_header
 from loratools.ops.demo import MARKER
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
@@ -65,7 +67,8 @@ def test_demo_trains_and_samples(demo_run):
                           cwd=out.parent, timeout=120)
     assert proc.returncode == 0, proc.stderr
     dry = json.loads(proc.stdout)
-    assert dry["config"]["max_train_steps"] == 8 and dry["config"]["network_args"] == ["conv_dim=4", "conv_alpha=2"]
+    assert dry["config"]["max_train_steps"] == 8 and dry["config"]["network_module"] == "lycoris.kohya"
+    assert dry["config"]["network_args"] == ["algo=locon", "preset=full", "conv_dim=4", "conv_alpha=2"]
     assert dry["outputs"] == [train["lora"]]
 
 

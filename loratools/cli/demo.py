@@ -7,6 +7,8 @@ everything is, what each step produced, the commands to run each step yourself) 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -52,7 +54,10 @@ def demo(
     from loratools.ops.demo import DemoOptions, run_demo
 
     options = DemoOptions(output_dir=output_dir, arch=arch.lower(), steps=steps, quick=quick, overwrite=overwrite)
-    result = run_demo(options, progress=out.info)
+    # stdout is kept for the tables / JSON: libraries that log to stdout while the steps run
+    # (lycoris-lora's logger does) are sent to stderr with the progress lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_demo(options, progress=out.info)
     if json_out:
         out.print_json(result.to_json())
         return

@@ -41,6 +41,12 @@ ARCHES = ("sdxl", "sd1")
 CONCEPT = "tinychar"
 RECIPES = ("fro_ckpt=1,thr=-3.55", "sv_fro=0.9")
 PROMPT = f"{CONCEPT}, red circle, white background, stripes"
+#: The seeds' LoCon per architecture: the Pony/SDXL guide (Hungarian) trains lycoris.kohya with
+#: algo=locon preset=full; the SD1.5 guide (Russian) kohya's own networks.lora with conv_dim.
+NETWORKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sdxl": ("lycoris.kohya", ("algo=locon", "preset=full")),
+    "sd1": ("networks.lora", ()),
+}
 
 Progress = Callable[[str], None]
 
@@ -311,13 +317,14 @@ def train_argv(base: Path, data: Path, out: Path, prompts: Path, arch: str, sett
                seed: int) -> list[str]:
     """sd-scripts flags of the demo's LoCon run (the seeds' recipe, shrunk to the tiny model)."""
     resolution = "64" if arch == "sd1" else "64,64"
+    module, algo = NETWORKS[arch]
     return [
         "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir", str(out),
         "--output_name", f"{CONCEPT}-locon", "--resolution", resolution, "--enable_bucket",
         "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
         "--caption_extension", ".txt", "--shuffle_caption", "--keep_tokens", "1",
-        "--network_module", "networks.lora", "--network_dim", str(settings.network_dim),
-        "--network_alpha", str(settings.network_alpha), "--network_args",
+        "--network_module", module, "--network_dim", str(settings.network_dim),
+        "--network_alpha", str(settings.network_alpha), "--network_args", *algo,
         f"conv_dim={settings.conv_dim}", f"conv_alpha={settings.conv_alpha}",
         "--optimizer_type", "AdamW", "--learning_rate", str(settings.learning_rate),
         "--lr_scheduler", "cosine", "--max_train_steps", str(settings.steps),
@@ -326,6 +333,12 @@ def train_argv(base: Path, data: Path, out: Path, prompts: Path, arch: str, sett
         "--sample_prompts", str(prompts), "--sample_sampler", "euler_a",
         "--sample_every_n_steps", str(settings.sample_every), "--sample_at_first",
     ]
+
+
+def network_label(arch: str) -> str:
+    """How the LoCon was made, for the report: module and the arguments that make it a LoCon."""
+    module, algo = NETWORKS[arch]
+    return f"LoCon ({module} {' '.join(algo)})" if algo else f"LoCon ({module} with conv_dim)"
 
 
 def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settings, seed: int) -> TrainReport:
@@ -350,7 +363,7 @@ def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settin
     from loratools.ops.metadata import summarize
 
     modules = sum(summarize(result.final_file).module_counts.values())
-    return TrainReport(result.final_file, result.final_file.stat().st_size, "LoCon (networks.lora with conv_dim)",
+    return TrainReport(result.final_file, result.final_file.stat().st_size, network_label(base.arch),
                        modules, result.global_step, list(result.losses), list(result.sample_files), prompts, recipe,
                        list(result.warnings), _command("loratools", "train", "--config", recipe))
 
@@ -456,11 +469,22 @@ def _quiet_libraries() -> Iterator[None]:
     """Hide diffusers' and transformers' notes and progress bars for the demo's duration.
 
     They are about the libraries' own internals (torchvision is not installed, float32 modules,
-    "Writing model shards" bars for a 6 MB model) and would bury the seven step lines; the
-    trainer's own summary and progress bar still show. Levels are restored after.
+    "Writing model shards" bars for a 6 MB model, lycoris-lora's module-creation notes) and would
+    bury the seven step lines; the trainer's own summary and progress bar still show. Levels are
+    restored after. lycoris-lora resets its logger's level when imported, so its notes are
+    filtered instead (a filter survives that).
     """
+    import logging
+
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
+
+    lycoris = logging.getLogger("LyCORIS")
+
+    def below_warning(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+    lycoris.addFilter(below_warning)
 
     levels = (tlog.get_verbosity(), dlog.get_verbosity())
     bars = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled())
@@ -471,6 +495,7 @@ def _quiet_libraries() -> Iterator[None]:
     try:
         yield
     finally:
+        lycoris.removeFilter(below_warning)
         tlog.set_verbosity(levels[0])
         dlog.set_verbosity(levels[1])
         for lib, enabled in ((tlog, bars[0]), (dlog, bars[1])):
