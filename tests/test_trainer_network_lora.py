@@ -182,7 +182,8 @@ def test_block_index_tables():
     assert block_index("lora_unet_down_blocks_0_attentions_1_proj_in", "sd1") == 2
     assert block_index("lora_unet_down_blocks_2_downsamplers_0_conv", "sd1") == 9
     assert block_index("lora_unet_mid_block_attentions_0_proj_in", "sd1") == 12
-    assert block_index("lora_unet_up_blocks_3_attentions_2_proj_out", "sd1") == 25
+    assert block_index("lora_unet_up_blocks_0_resnets_0_conv1", "sd1") == 13
+    assert block_index("lora_unet_up_blocks_3_attentions_2_proj_out", "sd1") == 24  # OUT11, the last of 25
     assert block_index("lora_unet_input_blocks_4_1_proj_in", "sdxl") == 5
     assert block_index("lora_unet_middle_block_1_proj_in", "sdxl") == 11
     assert block_index("lora_unet_output_blocks_8_0_skip_connection", "sdxl") == 21
@@ -243,3 +244,20 @@ def test_base_weights_are_merged_with_their_multiplier(tmp_path):
     torch.testing.assert_close(module.weight, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(UsageError, match="one per file"):
         merge_base_weights("sd1", fresh.unet, [fresh.text_encoder], [str(file)], [0.5, 1.0])
+
+
+@pytest.mark.parametrize(("arch", "count"), [("sd1", 25), ("sdxl", 23)])
+def test_block_dims_cover_every_real_size_unet_module(arch, count):
+    """Each slot gets its own rank: every UNet module of the real model lands in a valid slot."""
+    unet, tes = _meta_models(arch)
+    dims = ",".join(str(2 + i) for i in range(count))
+    opts = NetworkOptions.from_args(arch, 4, 1, None, {"block_dims": dims, "conv_block_dims": dims})
+    with torch.device("meta"):
+        net = LoRANetwork(arch, unet, tes, opts)
+    used = set()
+    for m in net.unet_loras:
+        idx = block_index(m.lora_name, arch)
+        assert 0 < idx < count and m.lora_dim == 2 + idx
+        used.add(idx)
+    # SDXL slot 1 is input_blocks.0 (conv_in) and slot 22 is out: sd-scripts puts no LoRA there
+    assert used == (set(range(1, 25)) if arch == "sd1" else set(range(2, 22)))

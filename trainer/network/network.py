@@ -18,7 +18,8 @@ UNET_TARGETS = ("Transformer2DModel",)
 UNET_TARGETS_CONV3X3 = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
-#: block_dims slots per architecture (SD1/SD2: IN00-11, M00, OUT00-11 + the unused slot 0).
+#: block_dims slots per architecture: SD1/SD2 IN00-IN11 (IN00 = conv_in: no LoRA), M00, OUT00-OUT11;
+#: SDXL time/label embedding, input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out.
 NUM_BLOCKS = {"sd1": 25, "sd2": 25, "sdxl": 23}
 
 _RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
@@ -31,7 +32,7 @@ def block_index(lora_name: str, arch: str) -> int:
         if m:
             i, kind, j = int(m[2]), m[3], int(m[4])
             idx = 3 * i + (2 if kind in ("upsamplers", "downsamplers") else j)
-            return 1 + idx if m[1] == "down" else 13 + 1 + idx
+            return 1 + idx if m[1] == "down" else 12 + 1 + idx
         return 12 if "mid_block_" in lora_name else -1
     name = lora_name[len("lora_unet_"):] if lora_name.startswith("lora_unet_") else lora_name
     if name.startswith(("time_embed_", "label_emb_")):
