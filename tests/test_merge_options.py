@@ -80,3 +80,15 @@ def test_verify_catches_a_merge_that_applies_nothing(setup, tmp_path, monkeypatc
     result = merge_checkpoint(MergeOptions(base, [WeightedPath(a.path, 1.0)], tmp_path / "x.safetensors", verify=True))
     assert result.verified is False and all(not r.ok for r in result.verify)
 
+
+
+def test_te_scale_zero_merges_the_unet_only(setup, tmp_path):
+    _, base, a, _ = setup
+    out = tmp_path / "unet-only.safetensors"
+    merge_checkpoint(MergeOptions(base, [WeightedPath(a.path, 1.0)], out, te_scale=0.0))
+    index = BaseIndex.from_key_shapes(open_safetensors(base).key_shapes())
+    before, after = open_safetensors(base), open_safetensors(out)
+    for name, target in a.targets.items():
+        key = index.resolve(name).key
+        changed = not torch.equal(before[key], after[key])
+        assert changed == (target.component == "unet"), name

@@ -49,6 +49,9 @@ def merge(
                                          "merged - base must equal the intended delta.")] = False,
     title: Annotated[Optional[str], typer.Option("--title", help="modelspec.title of the output "
                                                  "(default: output file stem).")] = None,
+    te_scale: Annotated[float, typer.Option(
+        "--te-scale", help="Multiply every ratio by this for text-encoder modules (A1111/ComfyUI's separate "
+                           "TE strength); 0 merges the UNet part only.")] = 1.0,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", "-r", help="With --to-lora: re-compress the exact combination with a resize recipe "
                                "(e.g. fro_lora=1,size=64 or sv_fro=0.9); several recipes with ':' need an "
@@ -70,6 +73,8 @@ def merge(
     if to_lora:
         if verify:
             raise UsageError("--verify checks a merged checkpoint; it does not apply to --to-lora")
+        if te_scale != 1.0:
+            raise UsageError("--te-scale applies to merges into a checkpoint; scale the inputs with :WEIGHT instead")
         if base_model is not None and recipe is None:
             raise UsageError("--base is only used with -r RECIPE (recipe scores against the checkpoint)")
         _to_lora(resolve_inputs(inputs, ratio), output, dtype, allow_unmatched, overwrite, title, recipe,
@@ -81,17 +86,17 @@ def merge(
         raise UsageError("give BASE and at least one LORA (or --to-lora with adapters only)")
     base, *adapters = inputs
     _checkpoint(Path(base), resolve_inputs(adapters, ratio), output, dtype, allow_unmatched, overwrite,
-                verify, title, json_out)
+                verify, title, te_scale, json_out)
 
 
-def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verify, title, json_out) -> None:
+def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verify, title, te_scale, json_out) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from loratools.cli import output as out
     from loratools.ops.merge import MergeOptions, merge_checkpoint
 
     opts = MergeOptions(base=base, adapters=adapters, output=output, dtype=dtype, allow_unmatched=allow_unmatched,
-                        overwrite=overwrite, verify=verify, title=title)
+                        overwrite=overwrite, verify=verify, title=title, te_scale=te_scale)
     with Progress("merging", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=out.err_console,
                   transient=True, disable=json_out) as bar:
         task = bar.add_task("merge", total=None)

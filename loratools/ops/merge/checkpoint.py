@@ -67,6 +67,7 @@ class MergeOptions:
         verify: re-open the output and check sampled modules numerically.
         verify_samples: modules checked per adapter.
         title: ``modelspec.title`` (default: output file stem).
+        te_scale: factor on every ratio for text-encoder modules (0: UNet only).
     """
 
     base: Path
@@ -78,6 +79,7 @@ class MergeOptions:
     verify: bool = False
     verify_samples: int = 8
     title: str | None = None
+    te_scale: float = 1.0
 
 
 @dataclass
@@ -207,7 +209,7 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
     index = BaseIndex.from_model(source)
     arch = index.arch.arch
     loaded = _load_adapters(opts, arch)
-    plan = build_plan(index, loaded)
+    plan = build_plan(index, loaded, opts.te_scale)
     if not opts.allow_unmatched:
         _refuse_unmatched(plan)
 
@@ -226,7 +228,7 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
                                    base=InputRecord(source.path, 1.0, None, None, 0, 0,
                                                     title_of(source.path, base_meta)),
                                    adapters=records, output=opts.output, dtype=opts.dtype, title=opts.title,
-                                   modelspec=source.layout == "single_file")
+                                   modelspec=source.layout == "single_file", te_scale=opts.te_scale)
 
     protected = [*source.all_files(), *(a.path for a in opts.adapters)]
     if source.layout == "single_file":

@@ -90,12 +90,14 @@ def _fits(module: AdapterModule, target) -> bool:
     return len(shape) == 4 and len(t) == 4 and shape[0] == t[0] and shape[2:] == t[2:] and shape[1] < t[1]
 
 
-def build_plan(index, adapters: list[tuple[Path, float, AdapterFile]]) -> MergePlan:
+def build_plan(index, adapters: list[tuple[Path, float, AdapterFile]], te_scale: float = 1.0) -> MergePlan:
     """Resolve every module of every adapter against the base index.
 
     Args:
         index: a ``loratools.keys.index.BaseIndex`` of the base model.
         adapters: ``(path, ratio, parsed file)`` in command-line order.
+        te_scale: extra factor on the ratio of text-encoder modules (A1111/ComfyUI's separate TE
+            strength; 0 merges the UNet part only).
 
     Raises:
         InvalidFileError: two modules of one file patch the same weight (mixed naming styles would
@@ -131,7 +133,8 @@ def build_plan(index, adapters: list[tuple[Path, float, AdapterFile]]) -> MergeP
                         f"{'' if target.rows is None else f' rows {target.rows[0]}:{target.rows[1]}'}; "
                         "the file mixes naming styles; keep one of them", path=path)
                 seen[slot] = name
-                patches[(target.component, key)].append(Patch(i, module, ratio, target.rows, is_bias))
+                scaled = ratio * te_scale if name.startswith("lora_te") else ratio
+                patches[(target.component, key)].append(Patch(i, module, scaled, target.rows, is_bias))
             plan.applied.append(name)
         plan.unmatched.extend(f"{key} (unrecognised tensor)" for key in sorted(adapter.unknown))
         plans.append(plan)

@@ -80,7 +80,7 @@ def _modelspec(meta: dict[str, str], *, arch: str, architecture: str, implementa
 
 def checkpoint_metadata(base_meta: Mapping[str, str] | None, *, arch: str, base: InputRecord,
                         adapters: Sequence[InputRecord], output: Path, dtype: str | None,
-                        title: str | None, modelspec: bool = True) -> dict[str, str]:
+                        title: str | None, modelspec: bool = True, te_scale: float = 1.0) -> dict[str, str]:
     """Metadata for a checkpoint with adapters merged in.
 
     Args:
@@ -92,6 +92,7 @@ def checkpoint_metadata(base_meta: Mapping[str, str] | None, *, arch: str, base:
         dtype: the ``--dtype`` asked for, or None.
         title: ``modelspec.title`` override.
         modelspec: write ``modelspec.*`` (single files; diffusers folders keep only the provenance).
+        te_scale: the text-encoder factor on the ratios, recorded.
     """
     meta = _kept(base_meta)
     if modelspec:
@@ -100,7 +101,7 @@ def checkpoint_metadata(base_meta: Mapping[str, str] | None, *, arch: str, base:
                    merged_from=[base.title or base.path.name] + [a.title or a.path.stem for a in adapters])
     meta[PROVENANCE_KEY] = json.dumps({
         "tool": f"loratools {__version__}", "mode": "checkpoint", "base": base.path.name,
-        "dtype": dtype, "adapters": [a.as_json() for a in adapters]}, ensure_ascii=False)
+        "dtype": dtype, "te_scale": te_scale, "adapters": [a.as_json() for a in adapters]}, ensure_ascii=False)
     return meta
 
 
