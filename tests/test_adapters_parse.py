@@ -156,7 +156,7 @@ def test_peft_alpha_tensor_and_rslora_metadata():
 
 
 def test_unknown_keys_are_kept_verbatim():
-    extra = {"bundle_emb.star.string_to_param.*": torch.ones(2, 8), "lora_unet_x.scale": torch.tensor(1.0),
+    extra = {"bundle_emb.star.string_to_param.*": torch.ones(2, 8), "lora_unet_w.scale": torch.tensor(1.0),
              "text_projection.weight": torch.ones(2, 2), "lora_unet_y.alpha": torch.tensor(1.0),
              "lora_unet_z.lora_mid.weight": torch.ones(1, 1, 3, 3), "lora_unet_w.diff": torch.ones(2, 2),
              "lora_unet_w.alpha": torch.tensor(3.0)}
@@ -228,3 +228,32 @@ def test_load_adapter_reads_safetensors_and_pickles(tmp_path):
         assert f.path == tmp_path / name and f.naming == "kohya" and m.scale == 0.5
         torch.testing.assert_close(m.delta(), torch.full((3, 4), 1.0))
     assert load_adapter(tmp_path / "a.safetensors").metadata == {"ss_network_dim": "2"}
+
+
+def test_a1111_scale_tensor_overrides_alpha_and_is_folded_on_write():
+    """A1111's `<module>.scale` IS the scale (formats-spec 1.4 item 10); written back as alpha = scale * rank."""
+    g = torch.Generator().manual_seed(0)
+    D, U = torch.randn(2, 4, generator=g), torch.randn(3, 2, generator=g)
+    t = {"lora_unet_x.lora_down.weight": D, "lora_unet_x.lora_up.weight": U, "lora_unet_x.alpha": torch.tensor(1.0),
+         "lora_unet_x.scale": torch.tensor(0.75, dtype=torch.float16)}
+    parsed = parse_adapter(t)
+    m = parsed.modules["lora_unet_x"]
+    assert parsed.unknown == {} and m.alpha == 1.0 and m.scale == 0.75
+    torch.testing.assert_close(m.delta(), 0.75 * (U.float() @ D.float()))
+    written = m.tensors()
+    assert "scale" not in written and float(written["alpha"]) == 0.75 * D.shape[0]
+    again = parse_adapter({f"lora_unet_x.{k}": v for k, v in written.items()}).modules["lora_unet_x"]
+    torch.testing.assert_close(again.delta(), m.delta())
+    summary = describe_header({k: tuple(v.shape) for k, v in t.items()})
+    assert summary.unknown == [] and summary.modules["lora_unet_x"].scale_key == "lora_unet_x.scale"
+
+
+def test_stored_alpha_zero_is_read_literally_with_a_warning():
+    D, U = torch.ones(2, 4), torch.ones(3, 2)
+    t = {"lora_unet_x.lora_down.weight": D, "lora_unet_x.lora_up.weight": U, "lora_unet_x.alpha": torch.tensor(0.0),
+         "lora_unet_y.lora_down.weight": D, "lora_unet_y.lora_up.weight": U, "lora_unet_y.alpha": torch.tensor(2.0)}
+    parsed = parse_adapter(t)
+    assert parsed.modules["lora_unet_x"].scale == 0.0 and not parsed.modules["lora_unet_x"].delta().any()
+    assert len(parsed.warnings) == 1 and "1 module(s) store alpha 0 (first: lora_unet_x)" in parsed.warnings[0]
+    del t["lora_unet_x.alpha"]  # missing alpha is scale 1, nothing to warn about
+    assert parse_adapter(t).warnings == []

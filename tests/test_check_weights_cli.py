@@ -92,3 +92,21 @@ def test_bad_input_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
     r = run(str(tmp_path / "bad.safetensors"), "--fail-on", "zombie")
     assert r.returncode == 2 and "unknown status" in r.stderr
+
+
+def test_alpha_zero_is_warned_and_explained(tmp_path):
+    t, meta = fixture_lora("lora_kohya_sd15_lora.json")
+    t["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"] = torch.tensor(0.0)
+    path = tmp_path / "alpha0.safetensors"
+    save_tensors(path, t, meta)
+    r = in_process(str(path), "--fail-on", "nan")
+    assert r.exit_code == 0, r.output
+    assert "1 dead: alpha is 0" in r.stdout and "fp16 underflow" not in r.stdout
+    assert "store alpha 0 (first: lora_unet_down_blocks_0_attentions_0_proj_in)" in r.stderr
+
+
+def test_a_checkpoint_is_not_an_adapter(tiny_sd1_ckpt):
+    """Was: "0 modules (); ; architecture UNKNOWN ... OK" and exit 0."""
+    r = run(str(tiny_sd1_ckpt))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"error: {tiny_sd1_ckpt}: no LoRA/LyCORIS module") and "checkpoint?" in r.stderr

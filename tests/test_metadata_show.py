@@ -123,3 +123,14 @@ def test_show_reads_only_header_without_torch(sd15):
     # modules: tens of KiB, not the weights
     assert int(read) < int(header) + 64 * 1024
     assert sd15.stat().st_size - int(header) > 1_000_000
+
+
+def test_a1111_scale_tensor_sets_the_scale(tmp_path):
+    """`<module>.scale` overrides alpha / rank (read as a scalar, like the alphas) and is no unknown key."""
+    d, u = torch.ones(4, 8), torch.ones(8, 4)
+    t = {f"lora_unet_{m}.{s}": v for m in ("a", "b") for s, v in
+         (("lora_down.weight", d), ("lora_up.weight", u), ("alpha", torch.tensor(2.0)))}
+    t["lora_unet_a.scale"] = torch.tensor(1.5, dtype=torch.float16)
+    save_tensors(tmp_path / "s.safetensors", t)
+    s = summarize(tmp_path / "s.safetensors")
+    assert s.unknown_keys == 0 and s.alphas == {"2": 2} and s.scales == {"1.5": 1, "0.5": 1}

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from loratools.adapters.base import (
     SHARED_SUFFIXES,
     AdapterModule,
     ModuleSummary,
+    read_alpha,
     registry,
 )
 from loratools.adapters.full import FullModule
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterFile", "AdapterModule", "FullModule", "HeaderSummary", "IA3Module", "LoHaModule",
     "LoKrModule", "LoRAModule", "ModuleSummary", "NormModule", "describe_header",
-    "load_adapter", "parse_adapter",
+    "load_adapter", "parse_adapter", "require_modules",
 ]
 
 
@@ -55,6 +56,8 @@ class AdapterFile:
             "diffusers" (``lora.down``/``lora_linear_layer``), "diffusers_legacy" (``to_q_lora``),
             "mixed", or "none" for a file without modules.
         path: where it was read from, if anywhere.
+        warnings: what the file stores that loads but is probably not what its author meant
+            (a stored alpha of 0: read literally, the module does nothing); callers print them.
     """
 
     modules: dict[str, AdapterModule]
@@ -62,6 +65,7 @@ class AdapterFile:
     metadata: dict[str, str] = field(default_factory=dict)
     naming: str = "kohya"
     path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -149,7 +153,11 @@ def parse_adapter(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
         used = _usable(cls, group.keys) if cls is not None else []
         module = cls.parse(name, {s: _tensor(tensors, group, s) for s in used}, source_name=group.source_name,
                            alpha=group.alpha) if cls is not None else None
+        if module is not None and _takes_scale(cls, group, module.rank):
+            module = replace(module, scale_override=read_alpha(tensors[group.keys["scale"]]))
         consumed = set(module.tensors()) if module is not None else set()
+        if module is not None and module.scale_override is not None:
+            consumed.add("scale")
         for suffix, key in group.keys.items():
             if suffix not in consumed:
                 unknown[key] = tensors[key]
@@ -157,7 +165,44 @@ def parse_adapter(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             modules[name] = module
             styles.add(group.style)
     return AdapterFile(modules=modules, unknown=unknown, metadata=dict(metadata or {}),
-                       naming=_naming(styles), path=Path(path) if path is not None else None)
+                       naming=_naming(styles), path=Path(path) if path is not None else None,
+                       warnings=alpha_warnings({n: m.alpha for n, m in modules.items()
+                                                if m.scale_override is None and m.rank}))
+
+
+def _takes_scale(cls: type[AdapterModule] | None, group: ModuleKeys, rank: int | None) -> bool:
+    """A1111 reads ``<module>.scale`` for the alpha-scaled types; a module without a rank (LoKr with
+    both factors full) has no alpha to fold it into, so its ``scale`` key stays in ``unknown``."""
+    return cls is not None and cls.TAKES_ALPHA and "scale" in group.keys and bool(rank)
+
+
+def alpha_warnings(alphas: Mapping[str, float | None]) -> list[str]:
+    """One warning for the modules whose stored alpha is 0 (``name -> alpha``, rank-scaled types).
+
+    kohya substitutes the rank for 0 before saving, so no trainer writes 0; ComfyUI and kohya's
+    merge scripts read it literally (scale 0), and so do we (formats-spec 1.4 item 3), but the
+    user should know those modules do nothing.
+    """
+    zero = sorted(n for n, a in alphas.items() if a == 0)
+    if not zero:
+        return []
+    return [f"{len(zero)} module(s) store alpha 0 (first: {zero[0]}): read literally, their scale is 0 and "
+            "they change nothing; kohya never writes 0 (it uses the rank), so the file was edited or made "
+            "by another tool: set their alpha (e.g. to the rank) if they should act"]
+
+
+def require_modules(adapter: AdapterFile) -> AdapterFile:
+    """``adapter`` itself, or ``InvalidFileError`` when no key belongs to any adapter type: the
+    operations that need modules say "not an adapter" instead of failing later on a side issue
+    (an undetectable architecture, an empty report)."""
+    if not adapter.modules:
+        first = next(iter(adapter.unknown), None)
+        raise InvalidFileError(
+            f"no LoRA/LyCORIS module among its {len(adapter.unknown)} keys"
+            + (f" (first: {first})" if first else "")
+            + ": not an adapter file (a checkpoint?); `loratools metadata show` tells what it is",
+            path=adapter.path)
+    return adapter
 
 
 def load_adapter(path: str | Path) -> AdapterFile:
@@ -197,8 +242,9 @@ def describe_header(tensor_infos: Mapping[str, Any], metadata: Mapping[str, str]
         if cls is None or described is None:
             unknown.extend(group.keys.values())
             continue
-        unknown.extend(k for s, k in group.keys.items() if s not in used)
         rank, weight_shape = described
+        scale_key = group.keys["scale"] if _takes_scale(cls, group, rank) else None
+        unknown.extend(k for s, k in group.keys.items() if s not in used and k != scale_key)
         if cls is LoKrModule and rank is None:
             alpha_key = None  # both factors full: alpha is ignored (scale 1)
         else:
@@ -207,6 +253,6 @@ def describe_header(tensor_infos: Mapping[str, Any], metadata: Mapping[str, str]
             name=name, source_name=group.source_name, kind=cls.kind, rank=rank, weight_shape=weight_shape,
             factor_shapes={s: shapes[group.keys[s]] for s in used if s not in SHARED_SUFFIXES},
             alpha_key=alpha_key if group.alpha is None else None, alpha=group.alpha,
-            dora="dora_scale" in used)
+            dora="dora_scale" in used, scale_key=scale_key)
         styles.add(group.style)
     return HeaderSummary(modules=modules, unknown=unknown, naming=_naming(styles))

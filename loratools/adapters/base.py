@@ -6,8 +6,8 @@ that recognises its own suffixes, one ``delta`` that returns the weight change i
 Subclasses register themselves when they are defined; two types that claim the same suffix
 raise at import, so a key can never be read two ways depending on dictionary order.
 
-``alpha`` and ``dora_scale`` are shared: several types carry them, so no type claims them and
-they never decide which type a module is.
+``alpha``, ``dora_scale`` and A1111's ``scale`` are shared: several types carry them, so no type
+claims them and they never decide which type a module is.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that header-only callers stay l
     import torch
 
 #: Suffixes that belong to no single type (kohya spelling, after the module name's dot).
-SHARED_SUFFIXES: tuple[str, ...] = ("alpha", "dora_scale")
+SHARED_SUFFIXES: tuple[str, ...] = ("alpha", "dora_scale", "scale")
 
 _REGISTRY: dict[str, type[AdapterModule]] = {}
 
@@ -51,6 +51,7 @@ class ModuleSummary:
     alpha_key: str | None = None
     alpha: float | None = None
     dora: bool = False
+    scale_key: str | None = None  # A1111 ``<module>.scale``: overrides alpha / rank when present
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -61,6 +62,9 @@ class AdapterModule:
         name: canonical kohya name (``lora_unet_input_blocks_4_1_proj_in``, ``lora_te1_text_model_...``).
         source_name: the module name exactly as the file spells it (dotted for PEFT files).
         alpha: the stored alpha, or None when the file has none (scale 1 for the scaled types).
+        scale_override: A1111's optional ``<module>.scale`` tensor (formats-spec 1.4 item 10): when
+            present it IS the scale, whatever alpha and rank say. Read, never written: ``tensors()``
+            folds it into ``alpha`` (``scale * rank``) so every loader computes the same delta.
     """
 
     kind: ClassVar[str] = ""
@@ -72,6 +76,7 @@ class AdapterModule:
     name: str
     source_name: str = ""
     alpha: float | None = None
+    scale_override: float | None = None
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -112,7 +117,10 @@ class AdapterModule:
 
     @property
     def scale(self) -> float:
-        """alpha / rank (formats-spec 1.4); 1 when alpha or rank is missing."""
+        """alpha / rank (formats-spec 1.4); 1 when alpha or rank is missing; A1111's stored
+        ``scale`` overrides both."""
+        if self.scale_override is not None:
+            return float(self.scale_override)
         r = self.rank
         if self.alpha is None or not r:
             return 1.0
@@ -151,11 +159,19 @@ class AdapterModule:
 
     # -- helpers shared by the types --------------------------------------------------------
     def _alpha_tensor(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``alpha`` entry as kohya stores it; an A1111 scale override becomes ``scale * rank``
+        (in float32 when the factors' dtype would round it: the alpha decides every delta)."""
         import torch
 
-        if self.alpha is None:
+        alpha = self.alpha
+        if self.scale_override is not None and self.rank:
+            alpha = float(self.scale_override) * self.rank
+        if alpha is None:
             return {}
-        return {"alpha": torch.tensor(float(self.alpha), dtype=like.dtype)}
+        t = torch.tensor(float(alpha), dtype=like.dtype)
+        if self.scale_override is not None and float(t) != alpha:
+            t = torch.tensor(float(alpha), dtype=torch.float32)
+        return {"alpha": t}
 
     def _finite(self, t: torch.Tensor) -> torch.Tensor:
         import torch

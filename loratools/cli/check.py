@@ -47,6 +47,11 @@ def weights(
         raise UsageError("choose one of --json and --csv")
     options = CheckOptions(fail_on=parse_fail_on(fail_on)) if fail_on else CheckOptions()
     reports = [check_file(f, options) for f in files]
+    from loratools.cli.output import warn
+
+    for r in reports:
+        for message in r.warnings:
+            warn(f"{r.path}: {message}")
     if json_out:
         from loratools.cli.output import print_json
 

@@ -85,6 +85,7 @@ class ModuleCheck:
     alpha: float | None
     dtype: str
     tensors: list[TensorStats]
+    scale: float | None
     delta_norm: float | None
     status: str
     expected: str | None = None  # why a dead module is expected, if it is
@@ -107,11 +108,12 @@ class WeightsReport:
     explanations: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     failed: bool = False
+    warnings: list[str] = field(default_factory=list)  # the parser's (``AdapterFile.warnings``)
 
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "arch": self.arch, "clip_skip": self.clip_skip, "failed": self.failed,
-                "counts": self.counts, "explanations": self.explanations, "unknown_keys": self.unknown_keys,
-                "modules": [_module_json(m) for m in self.modules]}
+                "counts": self.counts, "explanations": self.explanations, "warnings": self.warnings,
+                "unknown_keys": self.unknown_keys, "modules": [_module_json(m) for m in self.modules]}
 
 
 def _module_json(m: ModuleCheck) -> dict[str, Any]:
@@ -232,7 +234,8 @@ def check_module(module: AdapterModule, options: CheckOptions, source: Mapping[s
     first = next(iter(tensors.values()))
     note = "DoRA/IA3 delta depends on the base weight; norm not computed" if norm is None else None
     return ModuleCheck(name=module.name, kind=module.kind, component=_component(module.name), rank=module.rank,
-                       alpha=module.alpha, dtype=from_torch(first.dtype), tensors=stats, delta_norm=norm,
+                       alpha=module.alpha, dtype=from_torch(first.dtype), tensors=stats, scale=module.scale,
+                       delta_norm=norm,
                        status=status, note=note)
 
 
@@ -278,7 +281,7 @@ def check_adapter(adapter: AdapterFile, options: CheckOptions = CheckOptions(), 
                 c.expected = _expected_dead(c.name, arch, clip_skip, last_layer)
             checks.append(c)
     report = WeightsReport(Path(path) if path else (adapter.path or Path("-")), arch, clip_skip, checks,
-                           sorted(adapter.unknown))
+                           sorted(adapter.unknown), warnings=list(adapter.warnings))
     _summarise(report, options)
     return report
 
@@ -303,13 +306,13 @@ def _one_thread() -> Iterator[None]:
 
 def check_file(path: str | Path, options: CheckOptions = CheckOptions()) -> WeightsReport:
     """``check_adapter`` on a file read through ``loratools.io`` (lazily for safetensors)."""
-    from loratools.adapters import parse_adapter
+    from loratools.adapters import parse_adapter, require_modules
     from loratools.adapters.names import group_keys
     from loratools.io.checkpoint import open_state_dict
 
     sd = open_state_dict(path)
     metadata = getattr(sd, "metadata", None) or {}
-    adapter = parse_adapter(sd, metadata, path=path)
+    adapter = require_modules(parse_adapter(sd, metadata, path=path))
     info = getattr(sd, "info", None)
     shapes = {k: tuple(info(k).shape) if info else tuple(sd[k].shape) for k in sd}
     file_keys = {name: dict(group.keys) for name, group in group_keys(shapes, metadata).modules.items()}
@@ -323,6 +326,11 @@ def _summarise(report: WeightsReport, options: CheckOptions) -> None:
     expected = [m for m in mods if m.status == "dead" and m.expected]
     dead = [m for m in mods if m.status == "dead" and not m.expected]
     out = report.explanations
+    zero_scale = [m for m in dead if m.scale == 0]
+    if zero_scale:
+        out.append(f"{len(zero_scale)} dead: alpha is 0, so their scale is 0 (read literally, as ComfyUI does); "
+                   "set their alpha (e.g. to the rank) or retrain")
+        dead = [m for m in dead if m.scale != 0]
     if expected:
         reasons = Counter(m.expected for m in expected)
         why = "; ".join(f"{n}: {r}" if len(reasons) > 1 else str(r) for r, n in reasons.items())

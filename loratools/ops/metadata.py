@@ -271,7 +271,7 @@ def _describe_modules(s: MetadataSummary, header: SafetensorsHeader) -> None:
         _detect_arch(s, None, header)
         return
     s.naming = summary.naming
-    alpha_of = read_scalars(header, [m.alpha_key for m in summary.modules.values() if m.alpha_key])
+    alpha_of = read_scalars(header, [k for m in summary.modules.values() for k in (m.alpha_key, m.scale_key) if k])
     kinds: Counter[str] = Counter()
     comps: Counter[str] = Counter()
     ranks: Counter[str] = Counter()
@@ -287,6 +287,8 @@ def _describe_modules(s: MetadataSummary, header: SafetensorsHeader) -> None:
         ranks[str(m.rank)] += 1
         alphas[_fmt_number(alpha) if alpha is not None else "none (= rank)"] += 1
         scale = alpha / m.rank if alpha is not None and m.rank else 1.0
+        if m.scale_key:  # A1111's `<module>.scale` overrides alpha / rank
+            scale = alpha_of.get(m.scale_key, scale)
         scales[f"{scale:.4g}"] += 1
     s.adapter_types = dict(kinds.most_common())
     s.module_counts = dict(comps.most_common())
