@@ -14,8 +14,9 @@ import torch
 
 from loratools.adapters import load_adapter
 from loratools.io.writer import save_tensors
+from loratools.keys.naming import ModulePaths
 from loratools.keys.unet_blocks import UNetBlockTable
-from loratools.ops.convert import ConvertOptions, ModulePaths, convert
+from loratools.ops.convert import ConvertOptions, convert
 from loratools.tiny import build_pipeline, make_lora, render
 
 TOLERANCE = 5e-5  # images in [0, 1]; observed differences are ~1e-6

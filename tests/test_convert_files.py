@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from loratools.adapters import load_adapter
-from loratools.errors import OutputExistsError, UsageError
+from loratools.errors import InvalidFileError, OutputExistsError, UsageError
 from loratools.io.reader import open_safetensors
+from loratools.io.writer import save_tensors
+from loratools.keys.naming import ModulePaths
 from loratools.keys.unet_blocks import UNetBlockTable
-from loratools.ops.convert import ConvertOptions, ModulePaths, convert
+from loratools.ops.convert import ConvertOptions, convert
 from loratools.tiny import make_lora
 
 
@@ -104,8 +106,13 @@ def test_missing_alpha_is_written_as_rank(tiny_sd1, tmp_path):
 def test_refusals(tiny_sd1, tmp_path):
     src = tmp_path / "loha.safetensors"
     make_lora(tiny_sd1, "sd1", "loha", path=src)
-    with pytest.raises(UsageError, match="LoRA only"):
+    with pytest.raises(UsageError, match="LoRA only") as refused:
         convert(ConvertOptions(src, tmp_path / "x.safetensors", "peft", arch="sd1"))
+    assert refused.value.path == str(src)  # the CLI's one line names the file
+    ckpt = tmp_path / "ckpt.safetensors"  # was: "cannot tell the adapter's architecture"
+    save_tensors(ckpt, {"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)})
+    with pytest.raises(InvalidFileError, match="not an adapter file"):
+        convert(ConvertOptions(ckpt, tmp_path / "x.safetensors", "kohya"))
     with pytest.raises(UsageError, match="--to"):
         ConvertOptions(src, tmp_path / "x.safetensors", "comfy")
     with pytest.raises(OutputExistsError):
@@ -132,8 +139,6 @@ def test_cli_end_to_end(tiny_sdxl, tmp_path):
 
 
 def test_unknown_keys_and_outside_block_modules_are_kept_and_reported(tmp_path):
-    from loratools.io.writer import save_tensors
-
     src = tmp_path / "in.safetensors"
     save_tensors(src, {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
                        "lora_unet_conv_in.lora_up.weight": torch.ones(320, 2, 1, 1),
@@ -160,3 +165,24 @@ def test_dtype_option_casts_float_tensors_only(tiny_sd1, tmp_path):
     for name, m in load_adapter(src).modules.items():
         assert torch.equal(peft[name].delta(), m.delta()), name
     assert len(peft) == len(made.targets)
+
+
+def test_a1111_scale_is_folded_and_alpha_zero_warned(tiny_sd1, tiny_sd1_dir, tmp_path):
+    made = make_lora(tiny_sd1, "sd1", "lora", rank=4, alpha=2.0, dtype=torch.float32)
+    names = sorted({k.partition(".")[0] for k in made.tensors})
+    tensors = dict(made.tensors)
+    tensors[f"{names[0]}.scale"] = torch.tensor(3.0)
+    tensors[f"{names[1]}.alpha"] = torch.tensor(0.0)
+    src = tmp_path / "in.safetensors"
+    save_tensors(src, tensors, made.metadata)
+    table = UNetBlockTable.from_config(tiny_sd1.unet.config)
+    mine = _by_path(load_adapter(src), table)
+    assert load_adapter(src).modules[names[0]].scale == 3.0
+    for to in ("kohya", "peft"):
+        out = tmp_path / f"{to}.safetensors"
+        result = convert(ConvertOptions(src, out, to, base=tiny_sd1_dir))
+        assert any("store alpha 0" in w for w in result.warnings) and result.unknown == []
+        assert not any(k.endswith(".scale") for k in open_safetensors(out).keys())
+        theirs = _by_path(load_adapter(out), table)
+        for where, m in mine.items():
+            torch.testing.assert_close(theirs[where].delta(), m.delta(), rtol=1e-6, atol=1e-7)

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from loratools.adapters import parse_adapter
-from loratools.keys.naming import kohya_name, peft_name
+from loratools.keys.naming import ModulePaths, kohya_name, peft_name
 from loratools.keys.unet_blocks import UNetBlockTable
-from loratools.ops.convert import ModulePaths
 
 FIXTURES = Path("/work/shared/fixtures")
 _DTYPES = {"F16": torch.float16, "F32": torch.float32}

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from loratools.errors import UsageError
 from loratools.keys.unet_blocks import UNetBlockTable
 
@@ -39,6 +41,18 @@ _TE_PREFIX = {
 }
 
 TEXT_MODEL = "text_model."
+
+_TE_COMPONENT = {"lora_te1_": TEXT_ENCODER, "lora_te2_": TEXT_ENCODER_2, "lora_te_": TEXT_ENCODER}
+_TRANSFORMER_BLOCK_INNER = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                            "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")
+_TRANSFORMER_INNER = ("proj_in", "proj_out", "norm")
+_CLIP_LAYER_INNER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "mlp.fc1", "mlp.fc2", "layer_norm1", "layer_norm2")
+_CLIP_OTHER = ("text_model.final_layer_norm", "text_model.embeddings.token_embedding",
+               "text_model.embeddings.position_embedding", "text_projection")
+# Generous bounds for the generated vocabulary (SDXL: 10 transformer blocks, bigG: 32 layers).
+_MAX_TRANSFORMER_DEPTH = 32
+_MAX_CLIP_LAYERS = 64
 
 
 def te_module_path(module_path: str) -> str:
@@ -116,3 +130,53 @@ def split_kohya_prefix(name: str) -> tuple[str, str] | None:
 def underscored(path: str) -> str:
     """A dotted module path in kohya's underscore spelling (one direction only: never invert)."""
     return path.replace(".", "_")
+
+
+class ModulePaths:
+    """Canonical kohya module name -> (component, dotted diffusers/transformers module path).
+
+    The inverse of ``kohya_name`` without a base checkpoint (``convert``, tests, anything that
+    needs a live module's path): a lookup table of every module path the UNet (diffusers and SGM
+    spellings, from its block table) and the CLIP text encoders can have, underscored. Never
+    splits on ``_``; two paths with one underscored spelling raise.
+
+    Example:
+        >>> ModulePaths(UNetBlockTable.standard("sdxl")).locate("lora_unet_input_blocks_4_1_proj_in")
+        ('unet', 'down_blocks.1.attentions.0.proj_in')
+    """
+
+    def __init__(self, table: UNetBlockTable) -> None:
+        self._unet: dict[str, str] = {}
+        for dif, ldm in table.pairs().items():
+            inner: Iterable[str] = ("",)
+            if ".attentions." in dif:
+                inner = ("", *_TRANSFORMER_INNER, *(f"transformer_blocks.{k}.{n}" for k in range(_MAX_TRANSFORMER_DEPTH)
+                                                    for n in _TRANSFORMER_BLOCK_INNER))
+            for rest in inner:
+                d, s = (f"{dif}.{rest}", f"{ldm}.{rest}") if rest else (dif, ldm)
+                self._add(self._unet, d, d)
+                self._add(self._unet, s, d)
+        self._te: dict[str, str] = {}
+        for n in range(_MAX_CLIP_LAYERS):
+            for rest in _CLIP_LAYER_INNER:
+                p = f"text_model.encoder.layers.{n}.{rest}"
+                self._add(self._te, p, p)
+        for p in _CLIP_OTHER:
+            self._add(self._te, p, p)
+
+    @staticmethod
+    def _add(table: dict[str, str], spelled: str, path: str) -> None:
+        key = spelled.replace(".", "_")
+        if table.setdefault(key, path) != path:
+            raise ValueError(f"{table[key]!r} and {path!r} are both spelled {key!r}")
+
+    def locate(self, name: str) -> tuple[str, str] | None:
+        """``("unet" | "text_encoder" | "text_encoder_2", dotted path)`` or None."""
+        if name.startswith("lora_unet_"):
+            path = self._unet.get(name[len("lora_unet_"):])
+            return None if path is None else ("unet", path)
+        for prefix, component in _TE_COMPONENT.items():
+            if name.startswith(prefix):
+                path = self._te.get(name[len(prefix):])
+                return None if path is None else (component, path)
+        return None

@@ -15,15 +15,13 @@ LyCORIS types have no diffusers/PEFT form and are refused with the fix.
 Metadata is carried over, except ``lora_adapter_metadata`` (its alphas are now in the tensors)
 and ``sshs_*`` hashes (recomputed for kohya output, dropped for PEFT output).
 
-Module names are turned back into dotted paths by lookup in a table generated from the UNet's
-block table (``loratools.keys.unet_blocks``) and the CLIP layer vocabulary, never by splitting
-on ``_``.
+Module names are turned back into dotted paths by lookup (``loratools.keys.naming.ModulePaths``),
+never by splitting on ``_``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,17 +37,6 @@ if TYPE_CHECKING:
 TARGETS: tuple[str, ...] = ("kohya", "peft")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
-_TE_COMPONENT = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te_": "text_encoder"}
-_TRANSFORMER_BLOCK_INNER = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                            "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")
-_TRANSFORMER_INNER = ("proj_in", "proj_out", "norm")
-_CLIP_LAYER_INNER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                     "mlp.fc1", "mlp.fc2", "layer_norm1", "layer_norm2")
-_CLIP_OTHER = ("text_model.final_layer_norm", "text_model.embeddings.token_embedding",
-               "text_model.embeddings.position_embedding", "text_projection")
-# Generous bounds for the generated vocabulary (SDXL: 10 transformer blocks, bigG: 32 layers).
-_MAX_TRANSFORMER_DEPTH = 32
-_MAX_CLIP_LAYERS = 64
 # UNet modules outside the down/mid/up blocks (formats-spec 7.2, 7.3)
 _OUTSIDE_BLOCKS = ("conv_in", "conv_out", "conv_norm_out", "time_embedding.", "add_embedding.")
 _DROPPED_METADATA = ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash")
@@ -119,11 +106,12 @@ def convert(options: ConvertOptions) -> ConvertResult:
     Example:
         >>> convert(ConvertOptions(Path("a.safetensors"), Path("a_peft.safetensors"), "peft"))
     """
-    from loratools.adapters import load_adapter
+    from loratools.adapters import load_adapter, require_modules
     from loratools.io.writer import check_output_path, save_tensors
+    from loratools.keys.naming import ModulePaths
 
     check_output_path(options.output, overwrite=options.overwrite, protected=_protected(options))
-    adapter = load_adapter(options.input)
+    adapter = require_modules(load_adapter(options.input))
     arch, table = _arch_and_table(adapter, options)
     names = ModulePaths(table)
     tensors: dict[str, torch.Tensor] = {}
@@ -141,7 +129,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
         if options.to == "kohya":
             tensors.update(_kohya_tensors(module, *located, arch, table))
         else:
-            tensors.update(_peft_tensors(module, *located, options.dtype))
+            tensors.update(_peft_tensors(module, *located, options.dtype, options.input))
     if unmatched:
         raise UnmatchedModulesError(
             f"{len(unmatched)} module(s) are not {arch} UNet or CLIP text-encoder modules (first: {unmatched[0]}); "
@@ -160,7 +148,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
     written = save_tensors(options.output, {k: tensors[k].contiguous() for k in sorted(tensors)}, metadata,
                            overwrite=options.overwrite, protected=_protected(options),
                            sshs_hashes=options.to == "kohya")
-    warnings = []
+    warnings = list(adapter.warnings)
     if outside_blocks and options.to == "kohya":
         warnings.append(f"{len(outside_blocks)} module(s) outside the UNet blocks (first: {outside_blocks[0]}): "
                         "ComfyUI and A1111 load them, diffusers' kohya loader refuses such files")
@@ -193,50 +181,6 @@ def _arch_and_table(adapter: AdapterFile, options: ConvertOptions) -> tuple[str,
     return arch, UNetBlockTable.standard(arch)
 
 
-class ModulePaths:
-    """Canonical kohya module name -> (component, dotted diffusers/transformers module path).
-
-    A lookup table: every module path the UNet (both spellings, from its block table) and the
-    CLIP text encoders can have, underscored. Two paths with one underscored spelling raise.
-    """
-
-    def __init__(self, table: UNetBlockTable) -> None:
-        self._unet: dict[str, str] = {}
-        for dif, ldm in table.pairs().items():
-            inner: Iterable[str] = ("",)
-            if ".attentions." in dif:
-                inner = ("", *_TRANSFORMER_INNER, *(f"transformer_blocks.{k}.{n}" for k in range(_MAX_TRANSFORMER_DEPTH)
-                                                    for n in _TRANSFORMER_BLOCK_INNER))
-            for rest in inner:
-                d, s = (f"{dif}.{rest}", f"{ldm}.{rest}") if rest else (dif, ldm)
-                self._add(self._unet, d, d)
-                self._add(self._unet, s, d)
-        self._te: dict[str, str] = {}
-        for n in range(_MAX_CLIP_LAYERS):
-            for rest in _CLIP_LAYER_INNER:
-                p = f"text_model.encoder.layers.{n}.{rest}"
-                self._add(self._te, p, p)
-        for p in _CLIP_OTHER:
-            self._add(self._te, p, p)
-
-    @staticmethod
-    def _add(table: dict[str, str], spelled: str, path: str) -> None:
-        key = spelled.replace(".", "_")
-        if table.setdefault(key, path) != path:
-            raise ValueError(f"{table[key]!r} and {path!r} are both spelled {key!r}")
-
-    def locate(self, name: str) -> tuple[str, str] | None:
-        """``("unet" | "text_encoder" | "text_encoder_2", dotted path)`` or None."""
-        if name.startswith("lora_unet_"):
-            path = self._unet.get(name[len("lora_unet_"):])
-            return None if path is None else ("unet", path)
-        for prefix, component in _TE_COMPONENT.items():
-            if name.startswith(prefix):
-                path = self._te.get(name[len(prefix):])
-                return None if path is None else (component, path)
-        return None
-
-
 def _kohya_tensors(module: AdapterModule, component: str, path: str, arch: str,
                    table: UNetBlockTable) -> dict[str, torch.Tensor]:
     import torch
@@ -250,7 +194,8 @@ def _kohya_tensors(module: AdapterModule, component: str, path: str, arch: str,
     return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
 
 
-def _peft_tensors(module: AdapterModule, component: str, path: str, dtype: str | None) -> dict[str, torch.Tensor]:
+def _peft_tensors(module: AdapterModule, component: str, path: str, dtype: str | None,
+                  source: Path) -> dict[str, torch.Tensor]:
     import torch
 
     from loratools.adapters import LoRAModule
@@ -258,10 +203,10 @@ def _peft_tensors(module: AdapterModule, component: str, path: str, dtype: str |
 
     if not isinstance(module, LoRAModule):
         raise UsageError(f"module {module.source_name} is {module.kind}: diffusers/PEFT files hold LoRA only; "
-                         "convert with --to kohya (ComfyUI and A1111 load LyCORIS types)")
+                         "convert with --to kohya (ComfyUI and A1111 load LyCORIS types)", path=source)
     if module.dora_scale is not None:
         raise UsageError(f"module {module.source_name} is DoRA: diffusers' SD/SDXL loaders drop `dora_scale`; "
-                         "convert with --to kohya")
+                         "convert with --to kohya", path=source)
     down, up = module.down.detach().float(), module.up.detach().float()
     if module.mid is not None:  # Tucker: core folded into a kxk lora_A, same rank
         down = torch.einsum("abhw,bi->aihw", module.mid.detach().float(), down.flatten(1))
