@@ -261,3 +261,23 @@ def test_block_dims_cover_every_real_size_unet_module(arch, count):
         used.add(idx)
     # SDXL slot 1 is input_blocks.0 (conv_in) and slot 22 is out: sd-scripts puts no LoRA there
     assert used == (set(range(1, 25)) if arch == "sd1" else set(range(2, 22)))
+
+
+def test_block_lr_weights_make_per_block_groups(tiny_sd1):
+    from trainer.network.network import block_lr_weights
+
+    notes: list[str] = []
+    down, mid, up = block_lr_weights("linear", "0.5", "0,1,1", 0.05, notes)
+    assert down[0] == 0.0 and down[11] == pytest.approx(1.0) and down[1] == pytest.approx(1 / 11)
+    assert mid == 0.5 and up == [0.0] + [1.0] * 11 and "padded" in notes[0]
+    opts = NetworkOptions.from_args("sd1", 4, 1, None, {"down_lr_weight": "zeros+0.25", "mid_lr_weight": "0",
+                                                        "up_lr_weight": "2,2,2,2,2,2,2,2,2,2,2,2"})
+    net = LoRANetwork("sd1", tiny_sd1.unet, [tiny_sd1.text_encoder], opts)
+    groups, desc = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+    lrs = dict(zip(desc, (g["lr"] for g in groups)))
+    assert lrs["textencoder"] == 1e-3
+    assert lrs["unet_block1"] == pytest.approx(2.5e-4)  # down_blocks.0.attentions.0
+    assert "unet_block12" not in lrs  # mid weight 0: group dropped
+    assert lrs["unet_block16"] == pytest.approx(2e-3)  # up_blocks.1.attentions.0 (OUT03)
+    with pytest.raises(UsageError, match="SD1/SD2"):
+        NetworkOptions.from_args("sdxl", 4, 1, None, {"up_lr_weight": "1"})

@@ -64,6 +64,9 @@ class NetworkOptions:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    down_lr_weight: list[float] | None = None
+    mid_lr_weight: float | None = None
+    up_lr_weight: list[float] | None = None
     ignored: list[str] = field(default_factory=list)
 
     @classmethod
@@ -108,7 +111,14 @@ class NetworkOptions:
                 opts.conv_block_alphas = [opts.conv_alpha if opts.conv_alpha is not None else 1.0] * n
         elif opts.block_alphas is not None or opts.conv_block_dims is not None:
             opts.ignored.append("block_alphas/conv_block_dims need block_dims; ignored")
-        known = {"conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "block_dims",
+        if any(k in args for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
+            if arch == "sdxl":
+                raise UsageError("network_args down_lr_weight/mid_lr_weight/up_lr_weight are for SD1/SD2 "
+                                 "(sd-scripts' 12+1+12 block layout); remove them for SDXL")
+            opts.down_lr_weight, opts.mid_lr_weight, opts.up_lr_weight = block_lr_weights(
+                args.get("down_lr_weight"), args.get("mid_lr_weight"), args.get("up_lr_weight"),
+                float(args.get("block_lr_zero_threshold", 0.0) or 0.0), opts.ignored)
+        known = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "block_dims",
                  "block_alphas", "conv_block_dims", "conv_block_alphas", "loraplus_lr_ratio",
                  "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
         opts.ignored += [f"network_args {k}={v} has no effect with networks.lora" for k, v in args.items()
@@ -116,8 +126,62 @@ class NetworkOptions:
         return opts
 
     @property
+    def block_lr(self) -> bool:
+        return self.down_lr_weight is not None or self.mid_lr_weight is not None or self.up_lr_weight is not None
+
+    def lr_weight(self, lora_name: str, arch: str) -> float:
+        """sd-scripts' per-block LR multiplier of a UNet module (1.0 outside the weighted blocks)."""
+        idx = block_index(lora_name, arch)
+        if idx < 0:
+            return 1.0
+        if idx < 12:
+            return self.down_lr_weight[idx] if self.down_lr_weight is not None else 1.0
+        if idx == 12:
+            return self.mid_lr_weight if self.mid_lr_weight is not None else 1.0
+        return self.up_lr_weight[idx - 13] if self.up_lr_weight is not None else 1.0
+
+    @property
     def conv_enabled(self) -> bool:
         return self.conv_dim is not None or self.conv_block_dims is not None
+
+
+def _lr_preset(text: str, n: int = 12) -> list[float]:
+    """`sine`, `cosine`, `linear`, `reverse_linear`, `zeros` (optionally `+base`), or a comma list."""
+    import math
+
+    name, _, base = text.partition("+")
+    b = float(base) if base else 0.0
+    presets = {
+        "cosine": [math.sin(math.pi * (i / (n - 1)) / 2) + b for i in reversed(range(n))],
+        "sine": [math.sin(math.pi * (i / (n - 1)) / 2) + b for i in range(n)],
+        "linear": [i / (n - 1) + b for i in range(n)],
+        "reverse_linear": [i / (n - 1) + b for i in reversed(range(n))],
+        "zeros": [b] * n,
+    }
+    if name in presets:
+        return presets[name]
+    return [float(v) if v.strip() else 0.0 for v in text.split(",")]
+
+
+def block_lr_weights(down: str | None, mid: str | None, up: str | None, zero_threshold: float,
+                     notes: list[str]) -> tuple[list[float] | None, float | None, list[float] | None]:
+    """sd-scripts' `get_block_lr_weight`: 12 down / 1 mid / 12 up multipliers; lists are cut or
+    padded with 1.0 to 12, and values not above `block_lr_zero_threshold` become 0."""
+    def fit(values: list[float] | None, label: str) -> list[float] | None:
+        if values is None:
+            return None
+        if len(values) != 12:
+            notes.append(f"network_args {label} has {len(values)} values; sd-scripts uses 12 "
+                         f"({'cut' if len(values) > 12 else 'padded with 1.0'})")
+        values = (values + [1.0] * 12)[:12]
+        return [w if w > zero_threshold else 0.0 for w in values]
+
+    down_w = fit(_lr_preset(down) if down else None, "down_lr_weight")
+    up_w = fit(_lr_preset(up) if up else None, "up_lr_weight")
+    mid_w = None if mid in (None, "") else float(mid)
+    if mid_w is not None and not mid_w > zero_threshold:
+        mid_w = 0.0
+    return down_w, mid_w, up_w
 
 
 @dataclass
@@ -276,8 +340,17 @@ class LoRANetwork(nn.Module):
             loras = [m for m in self.text_encoder_loras if m.lora_name.startswith(prefix)]
             label = "textencoder" if len(prefixes) == 1 else f"textencoder{i + 1}"
             assemble(loras, te_lrs[i] if i < len(te_lrs) else te_lrs[0], te_ratio, label)
-        assemble(list(self.unet_loras), unet_lr if unet_lr is not None else default_lr,
-                 o.loraplus_unet_lr_ratio or o.loraplus_lr_ratio, "unet")
+        base_unet_lr = unet_lr if unet_lr is not None else default_lr
+        unet_ratio = o.loraplus_unet_lr_ratio or o.loraplus_lr_ratio
+        if not o.block_lr:
+            assemble(list(self.unet_loras), base_unet_lr, unet_ratio, "unet")
+            return groups, descriptions
+        by_block: dict[int, list[LoRAModule]] = {}
+        for lora in self.unet_loras:
+            by_block.setdefault(block_index(lora.lora_name, self.arch), []).append(lora)
+        for idx, loras in by_block.items():
+            weight = o.lr_weight(loras[0].lora_name, self.arch)
+            assemble(loras, base_unet_lr * weight, unet_ratio, f"unet_block{idx}")
         return groups, descriptions
 
     def apply_max_norm_regularization(self, max_norm_value: float) -> tuple[int, float, float]:
