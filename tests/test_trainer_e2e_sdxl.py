@@ -73,7 +73,8 @@ def test_sdxl_lora_unet_only_from_diffusers_folder(tiny_sdxl_dir, sdxl_data, tmp
     cfg = resolve_config(_args(tiny_sdxl_dir, sdxl_data, out, "--max_train_steps", "2", "--network_train_unet_only",
                                "--network_args", "conv_dim=2", "--optimizer_type", "AdamWScheduleFree",
                                "--loss_type", "huber", "--huber_schedule", "exponential", "--flip_aug",
-                               "--validation_split", "0.25", "--validate_every_n_steps", "1"))
+                               "--validation_split", "0.25", "--validate_every_n_steps", "1",
+                               "--cache_text_encoder_outputs"))
     result = train(cfg)
     assert len(result.losses) == 2
     # after steps 1 and 2, and at the end of the (cut) epoch; finite, fixed timesteps

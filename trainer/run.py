@@ -205,6 +205,10 @@ def train(cfg: Any) -> TrainResult:
     network = create_network(cfg, arch, model.unet, model.text_encoders, network_args,
                              train_unet=train_unet, train_text_encoder=train_te, weights=weights)
     warnings += network.ignored
+    unmatched = getattr(network, "unmatched_weights", [])
+    if unmatched:
+        warnings.append(f"--network_weights: {len(unmatched)} modules of the file are not trained by this run "
+                        f"(first: {unmatched[0]}; text encoder or UNet excluded, or another architecture)")
     network.apply_to()
     trainer.network = network
 
@@ -283,7 +287,7 @@ def train(cfg: Any) -> TrainResult:
         meta = dict(base_meta)
         meta.update({"ss_training_finished_at": str(ts), "ss_steps": str(step), "ss_epoch": str(epoch)})
         meta.update(saving.modelspec(cfg, arch=arch, v_pred=model.v_parameterization,
-                                     trainer_version=_version(), timestamp=session_start))
+                                     trainer_version=_version(), timestamp=ts))
         path = saving.save_network_file(out_dir / file_name, network.kohya_state_dict(), meta, save_dtype,
                                         save_model_as=cfg.save_model_as)
         if path not in result.saved_files:

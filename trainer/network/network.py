@@ -263,8 +263,12 @@ class LoRANetwork(nn.Module):
             (unet_loras if cand.is_unet else te_loras).append(module)
         self.text_encoder_loras = nn.ModuleList(te_loras)
         self.unet_loras = nn.ModuleList(unet_loras)
+        self.unmatched_weights: list[str] = []
         if from_file is not None:
-            self.load_kohya_state_dict(weights, strict_names=False)
+            if not from_file:
+                raise UsageError("--network_weights holds no LoRA/LoCon modules (lora_down/lora_up); for LoHa/LoKr/... "
+                                 "files use --network_module lycoris.kohya with the file's algo")
+            self.unmatched_weights = self.load_kohya_state_dict(weights, strict_names=False)
 
     def _rank_for(self, cand: Candidate) -> tuple[int | None, float | None]:
         o = self.opts
