@@ -122,14 +122,28 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
 
 
 def test_demo_sd1(tmp_path):
-    """--arch sd1 runs the same steps on the SD1-like model (in-process, two training steps: the wiring)."""
+    """--arch sd1 runs the same steps on the SD1-like model (in-process, one training step: the wiring)."""
     from loratools.ops.demo import DemoOptions, run_demo
 
     lines: list[str] = []
-    r = run_demo(DemoOptions(tmp_path / "sd1", arch="sd1", steps=2, quick=True), progress=lines.append)
-    assert len(lines) == 7 and r.metadata.architecture == "SD1" and r.train.steps == 2
+    r = run_demo(DemoOptions(tmp_path / "sd1", arch="sd1", steps=1, quick=True), progress=lines.append)
+    assert len(lines) == 7 and r.metadata.architecture == "SD1" and r.train.steps == 1
     assert any(k.startswith("lora_te_") for k in read_header(r.train.lora).tensors)
     assert all(x.bytes_after < r.train.bytes for x in r.resized)
     assert r.merge.applied == r.merge.modules and r.merge.verified is True
     assert "model.diffusion_model.input_blocks.0.0.weight" in read_header(r.merge.path).tensors
     assert json.loads((tmp_path / "sd1" / "report.json").read_text())["arch"] == "sd1"
+
+
+def test_demo_commands_reproduce_its_steps(demo_run):
+    """The resize command the demo prints gives the demo's own ranks and sizes when run (dry run)."""
+    out, report, _ = demo_run
+
+    argv = shlex.split(report["resize_command"])
+    assert argv[:2] == ["loratools", "resize"]
+    # --no-cache: the test must not write a norm cache into the user's cache folder
+    proc = subprocess.run([sys.executable, "-m", *argv, "--json", "--dry-run", "--no-cache"], capture_output=True,
+                          text=True, cwd=out.parent, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    dry = {o["recipe"]: (o["rank_after"], o["size_after"]) for o in json.loads(proc.stdout)[0]["outputs"]}
+    assert dry == {r["recipe"]: (r["rank_after"], r["bytes_after"]) for r in report["resized"]}
