@@ -26,7 +26,7 @@ def _args(model, data, out, *extra):
 def sdxl_data(tmp_path_factory):
     from loratools.tiny import make_dataset
 
-    return make_dataset(tmp_path_factory.mktemp("sdxl_data") / "train", "sdxl", 4).root
+    return make_dataset(tmp_path_factory.mktemp("sdxl_data") / "train", "sdxl", 4, rgba=2).root
 
 
 def _render_with(lora):
@@ -45,7 +45,8 @@ def test_sdxl_lycoris_from_single_file_with_the_guides_args(tiny_sdxl_ckpt, tiny
         "--network_module", "lycoris.kohya", "--network_args", "preset=full", "conv_dim=4", "conv_alpha=1",
         "algo=locon", "use_tucker=False", "block_dims=" + ",".join(["4"] * 25), "block_alphas=" + ",".join(["1"] * 26),
         "--cache_latents", "--min_snr_gamma", "5", "--noise_offset", "0.03", "--lr_scheduler", "cosine_with_restarts",
-        "--lr_scheduler_num_cycles", "2", "--save_precision", "fp16", "--spda", "--gradient_checkpointing"))
+        "--lr_scheduler_num_cycles", "2", "--save_precision", "fp16", "--spda", "--gradient_checkpointing",
+        "--alpha_mask", "--masked_loss"))
     result = train(cfg)
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert any("block_dims" in w for w in result.warnings)

@@ -193,3 +193,35 @@ def test_sd1_clip_skip_uses_final_layer_norm(tiny_sd1):
         hs = tiny_sd1.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         expected = tiny_sd1.text_encoder.final_layer_norm(hs)
     torch.testing.assert_close(got, expected)
+
+
+def test_compute_loss_applies_alpha_masks_and_loss_weights(tiny_sd1):
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    from trainer.config import resolve_config
+    from trainer.loop import Trainer
+    from trainer.models import BaseModel
+    from trainer.text_encoding import TextEncoderHelper
+
+    cfg = resolve_config(["--masked_loss", "--alpha_mask"])
+    model = BaseModel("sd1", tiny_sd1.unet, tiny_sd1.vae, [tiny_sd1.text_encoder], [tiny_sd1.tokenizer], False, Path("."))
+    text = TextEncoderHelper("sd1", model.tokenizers, model.text_encoders, clip_skip=None, max_token_length=None)
+    trainer = Trainer(cfg, Accelerator(cpu=True), model, None, make_noise_scheduler(False, False), text,
+                      torch.float32, torch.float32, True, False)
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "captions": ["tinychar", "red"],
+             "loss_weights": torch.tensor([1.0, 1.0]), "alpha_masks": torch.ones(2, 1, 64, 64)}
+
+    def loss(**changes):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return trainer.compute_loss({**batch, **changes}).per_sample
+
+    full = loss()
+    assert torch.equal(loss(alpha_masks=torch.zeros(2, 1, 64, 64)), torch.zeros(2))
+    half = torch.ones(2, 1, 64, 64)
+    half[1] = 0.0
+    torch.testing.assert_close(loss(alpha_masks=half), full * torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(loss(loss_weights=torch.tensor([0.5, 2.0])), full * torch.tensor([0.5, 2.0]))
