@@ -97,10 +97,12 @@ def _render(r: DemoResult) -> None:
     n = max(1, len(r.train.losses) // 4)
     lo, hi = r.metadata.network.get("network dim"), r.metadata.network.get("network alpha")
     triggers = ", ".join(f"{t} ({c})" for t, c in r.metadata.trigger_words[:3])
+    ranks = ", ".join(f"{n} modules of rank {k}" for k, n in r.metadata.ranks.items())
     produced = [
         ("base", f"tiny {r.base.arch.upper()}, {r.base.parameters / 1e6:.2f} M parameters, "
                        f"{hb(r.base.single_file_bytes)} single file"),
-        ("dataset", f"{r.dataset.images} images x {r.dataset.repeats} repeats, trigger word '{r.dataset.trigger}'"),
+        ("dataset", f"{r.dataset.images} images x {r.dataset.repeats} repeats, trigger word '{r.dataset.trigger}'; "
+                    f"e.g. \"{r.dataset.example_caption}\""),
         ("train", f"{r.train.network}: {r.train.steps} steps, loss {first:.4f} -> {last:.4f} (mean of first/last "
                   f"{n} steps), {r.train.modules} modules, {hb(r.train.bytes)}, {len(r.train.samples)} sample images"),
         *(("resize", f"{x.recipe}: rank {x.rank_before} -> {x.rank_after}, {hb(x.bytes_before)} -> "
@@ -112,7 +114,7 @@ def _render(r: DemoResult) -> None:
                   f"{r.merge.patched_keys} weights changed, {r.merge.copied_keys} copied, verify "
                   f"{'ok' if r.merge.verified else 'FAILED' if r.merge.verified is False else 'skipped'}; "
                   f"preview pixels changed by {100 * r.merge.preview_change:.2f} % on average"),
-        ("metadata", f"{r.metadata.architecture} LoRA, dim {lo} / alpha {hi}, base "
+        ("metadata", f"{r.metadata.architecture} LoRA, dim {lo} / alpha {hi} ({ranks}), base "
                      f"{r.metadata.base_model.get('name', '?')}; trigger words: {triggers}"),
     ]
     seen: set[str] = set()

@@ -120,6 +120,8 @@ class BaseReport:
 
 @dataclass
 class DatasetReport:
+    """The training folder (``--train_data_dir``) and its one ``N_concept`` subfolder."""
+
     root: Path
     concept_dir: Path
     images: int
@@ -130,6 +132,8 @@ class DatasetReport:
 
 @dataclass
 class TrainReport:
+    """The trained LoCon, its loss per optimizer step, sample images and the recipe that ran."""
+
     lora: Path
     bytes: int
     network: str
@@ -159,6 +163,8 @@ class TrainReport:
 
 @dataclass
 class ResizeReport:
+    """One recipe's output; ``summary`` is the line ``loratools resize`` prints for it."""
+
     recipe: str
     path: Path
     status: str
@@ -175,6 +181,8 @@ class ResizeReport:
 
 @dataclass
 class CheckReport:
+    """``check weights`` on one file: module counts per status and what they mean."""
+
     path: Path
     modules: int
     counts: dict[str, int]
@@ -184,6 +192,8 @@ class CheckReport:
 
 @dataclass
 class MergeReport:
+    """The merged checkpoint, how much of the LoCon it applied, and base/merged previews."""
+
     path: Path
     bytes: int
     ratio: float
@@ -200,6 +210,8 @@ class MergeReport:
 
 @dataclass
 class MetadataReport:
+    """What ``metadata show`` reads from the LoCon's header."""
+
     path: Path
     architecture: str | None
     base_model: dict[str, Any]
@@ -295,13 +307,7 @@ def _build_base(out: Path, arch: str, seed: int) -> BaseReport:
     name = f"tiny-{arch}"
     diffusers_dir = save_diffusers(pipe, folder / f"{name}-diffusers")
     single = save_single_file(pipe, folder / f"{name}.safetensors")
-    # A single file holds no tokenizer; the trainer looks for tokenizer folders next to it, where
-    # users copy them from a diffusers folder of the same family.
-    for tok in ("tokenizer", "tokenizer_2"):
-        if (diffusers_dir / tok).is_dir():
-            shutil.copytree(diffusers_dir / tok, folder / tok)
-    params = sum(p.numel() for name_, m in pipe.components.items()
-                 if hasattr(m, "parameters") for p in m.parameters())
+    params = sum(p.numel() for m in pipe.components.values() if hasattr(m, "parameters") for p in m.parameters())
     return BaseReport(arch, single, diffusers_dir, single.stat().st_size, params)
 
 
@@ -352,14 +358,13 @@ def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settin
                        f"blue square, black background --w 64 --h 64 --d {seed + 2} --s {settings.sample_steps} --l 5\n",
                        encoding="utf-8")
     # The run is configured the way a user would: a TOML recipe of sd-scripts flags, so the command
-    # shown for this step is exactly what ran.
+    # shown for this step is exactly what ran. The base is the diffusers folder, as the Pony guide
+    # trains from one; resize and merge use the single file, as resize_lora and A1111 users do.
     recipe = folder / "recipe.toml"
     recipe.write_text(config_to_toml(resolve_config(
-        train_argv(base.single_file, dataset.root, folder, prompts, base.arch, settings, seed))), encoding="utf-8")
+        train_argv(base.diffusers_dir, dataset.root, folder, prompts, base.arch, settings, seed))), encoding="utf-8")
     result = train(resolve_config(["--config", str(recipe)]))
-    if result.final_file is None or not result.losses:
-        raise UsageError("training wrote no file; run `loratools train` with the flags in report.json to see why",
-                         path=folder)
+    assert result.final_file is not None  # a single process is always the main one
     from loratools.ops.metadata import summarize
 
     modules = sum(summarize(result.final_file).module_counts.values())
