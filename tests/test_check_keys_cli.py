@@ -45,6 +45,9 @@ def test_sd1_lora_on_sdxl_exits_1_and_says_why(wired, files, tiny_sdxl_dir):
     assert data["unmatched"]  # SD1 UNet names are not SDXL's
     p = _run("check", "keys", str(files["sd1"]), "--base", str(tiny_sdxl_dir))
     assert p.returncode == 1 and "SD1 adapter" in p.stderr and "LoRA: SD1, base: SDXL" in p.stdout
+    # wrong architecture: a sample of the unmatched names, not a screenful
+    listed = [line for line in p.stdout.splitlines() if line.startswith("  lora_")]
+    assert len(listed) == 5 and f"and {len(data['unmatched']) - 5} more (--all lists them)" in p.stdout
 
 
 def test_missing_base_is_an_error_exit_2(wired, files, tmp_path):

@@ -100,7 +100,7 @@ def test_output_config_prints_a_recipe(tmp_path: Path):
 
 def test_help_and_flag_list():
     result = run("train", "--help")
-    assert result.returncode == 0 and "Example:" in result.stdout and "--dry-run" in result.stdout
+    assert result.returncode == 0 and "Examples:" in result.stdout and "--dry-run" in result.stdout
     listing = run("train", "--list-flags", "--json")
     flags = {row["flag"] for row in json.loads(listing.stdout)}
     assert {"--network_args", "--sdpa", "--caption_extension", "--max_train_epochs"} <= flags

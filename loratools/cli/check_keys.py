@@ -24,6 +24,7 @@ Examples:
 """
 
 _SHOWN = 50  # longest list printed without --all
+_SHOWN_ARCH_MISMATCH = 5
 
 
 def keys(
@@ -36,8 +37,7 @@ def keys(
 ) -> None:
     """Check that every module of an adapter maps to a weight of the base model with a fitting shape.
 
-    Prints "N/M modules apply; K unmatched; LoRA: SDXL, base: SDXL", then the modules that do not
-    apply and why. Reads only file headers.
+    Lists the modules that do not apply and why, then one line: "N/M modules apply; K unmatched; LoRA: SDXL, base: SDXL". Reads only file headers. Exit code 0: every module applies; 1: a problem was found; 2: unreadable input.
     """
     from loratools.cli import output as out
     from loratools.ops.check_keys import CheckKeysOptions, check_keys
@@ -57,7 +57,9 @@ def keys(
 def _render(result, show_all: bool) -> None:
     from loratools.cli import output as out
 
-    limit = None if show_all else _SHOWN
+    # Against a base of another architecture every module is listed as a problem; the
+    # architecture line says it all, so show a sample instead of a screenful.
+    limit = None if show_all else (_SHOWN_ARCH_MISMATCH if result.arch_problem else _SHOWN)
     unmatched = [m.name for m in result.modules if m.status == "unmatched"]
     _listing(f"unmatched modules ({len(unmatched)}): no base weight has these names", unmatched, limit)
     shape = [m for m in result.modules if m.status == "shape"]

@@ -25,14 +25,15 @@ def convert(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Rename an adapter between kohya and diffusers/PEFT naming; the weights do not change.
+    """Rename an adapter between kohya and diffusers/PEFT naming; every weight delta stays the same.
 
-    kohya output uses the names every UI loads (SD1/SD2: lora_unet_down_blocks_... and lora_te_;
-    SDXL: lora_unet_input_blocks_... and lora_te1_/lora_te2_). Metadata is carried over.
+    kohya output uses the names every UI loads (SD1/SD2: lora_unet_down_blocks_... and lora_te_; SDXL: lora_unet_input_blocks_... and lora_te1_/lora_te2_) and keeps every adapter type. PEFT output holds LoRA/LoCon only, with alpha/rank folded into the factors (PEFT has no per-module alpha). Metadata is carried over.
 
-    Example: loratools convert pytorch_lora_weights.safetensors --to kohya -o my_lora.safetensors
+    Examples:
 
-    Example: loratools convert my_lora.safetensors --to peft -o pytorch_lora_weights.safetensors
+      loratools convert diffusers_lora.safetensors --to kohya -o my.safetensors
+
+      loratools convert my_lora.safetensors --to peft -o peft_lora.safetensors
     """
     from loratools.ops.convert import ConvertOptions
     from loratools.ops.convert import convert as run

@@ -158,9 +158,11 @@ def set_(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Add or change metadata keys.
+    """Add or change metadata keys (sshs hashes are recomputed).
 
-    Example: loratools metadata set lora.safetensors ss_output_name=hero modelspec.author=me --in-place
+    Example:
+
+      loratools metadata set lora.safetensors modelspec.author=me --in-place
     """
     from loratools.ops.metadata import edit_metadata, parse_assignments
 
@@ -179,7 +181,9 @@ def delete(
 ) -> None:
     """Remove metadata keys.
 
-    Example: loratools metadata delete lora.safetensors ss_training_comment -o clean.safetensors
+    Example:
+
+      loratools metadata delete lora.safetensors ss_training_comment --in-place
     """
     from loratools.ops.metadata import edit_metadata
 
@@ -199,7 +203,9 @@ def strip(
 ) -> None:
     """Remove groups of metadata before sharing a file; lists each key and why.
 
-    Example: loratools metadata strip lora.safetensors --training-data -o share.safetensors
+    Example:
+
+      loratools metadata strip lora.safetensors --training-data -o share.safetensors
     """
     from loratools.errors import UsageError
     from loratools.ops.metadata import edit_metadata

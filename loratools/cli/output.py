@@ -26,8 +26,9 @@ def print_json(data: Any) -> None:
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
           justify_right: Sequence[str] = ()) -> Table:
-    """Build a rich table; numbers in ``justify_right`` columns are right-aligned."""
-    t = Table(title=title, title_justify="left", show_lines=False)
+    """Build a rich table; numbers in ``justify_right`` columns are right-aligned. All-empty column
+    names give a table without a header row (a key/value listing)."""
+    t = Table(title=title, title_justify="left", show_lines=False, show_header=any(columns))
     for c in columns:
         t.add_column(c, justify="right" if c in justify_right else "left", overflow="fold")
     for r in rows:

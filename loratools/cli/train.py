@@ -24,9 +24,10 @@ HELP = (
     "optimizer steps per epoch = ceil(batches / processes / gradient_accumulation_steps); --max_train_epochs sets "
     "total steps = epochs x steps per epoch, otherwise epochs = ceil(max_train_steps / steps per epoch). "
     "Effective batch = batch size x processes x accumulation.\n\n"
-    "Example: loratools train --config recipes/pony-locon.toml --pretrained_model_name_or_path pony/ "
-    "--train_data_dir data/ --output_dir out/ --dry-run\n\n"
-    "Multi-GPU: accelerate launch --num_processes 2 -m loratools train --config ..."
+    "Examples:\n\n"
+    "  loratools train --config recipes/pony-locon.toml --dry-run \\\n"
+    "      --pretrained_model_name_or_path pony/ --train_data_dir data/\n\n"
+    "  accelerate launch --num_processes 2 -m loratools train --config my.toml"
 )
 
 
