@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,11 +244,3 @@ class TrainState:
         if "loss_recorder" in data:
             recorder.load(data["loss_recorder"])
         return cls(int(data["current_epoch"]), int(data["current_step"]))
-
-
-def steps_per_epoch(num_batches: int, num_processes: int, grad_accum: int) -> int:
-    """Optimizer steps per epoch: ceil(ceil(batches / processes) / grad_accum)."""
-    return math.ceil(math.ceil(num_batches / num_processes) / grad_accum)
-
-
-Callback = Callable[..., None]

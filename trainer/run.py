@@ -7,8 +7,6 @@ processes, only the main process writes files, and sample prompts are split over
 
 from __future__ import annotations
 
-import logging
-import math
 import random
 import sys
 import time
@@ -19,9 +17,6 @@ from typing import Any
 import torch
 
 from loratools.errors import UsageError
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class TrainResult:
@@ -288,8 +283,13 @@ def train(cfg: Any) -> TrainResult:
         meta.update({"ss_training_finished_at": str(ts), "ss_steps": str(step), "ss_epoch": str(epoch)})
         meta.update(saving.modelspec(cfg, arch=arch, v_pred=model.v_parameterization,
                                      trainer_version=_version(), timestamp=ts))
-        path = saving.save_network_file(out_dir / file_name, network.kohya_state_dict(), meta, save_dtype,
-                                        save_model_as=cfg.save_model_as)
+        path, flushed = saving.save_network_file(out_dir / file_name, network.kohya_state_dict(), meta, save_dtype,
+                                                 save_model_as=cfg.save_model_as)
+        if flushed:
+            message = (f"{flushed} modules of {path.name} are all-zero in {cfg.save_precision} (underflow); save "
+                       "with --save_precision float or bf16 to keep them")
+            result.warnings.append(message)
+            _say(accelerator, f"warning: {message}")
         if path not in result.saved_files:
             result.saved_files.append(path)
 
@@ -475,10 +475,9 @@ def train(cfg: Any) -> TrainResult:
 
     if schedule_free:
         optimizer.eval()
-    final = final_path = saving.final_file(name, ext)
+    final = saving.final_file(name, ext)
     save(final, epoch + 1, global_step)
-    final_path = out_dir / final
-    result.final_file = final_path if accelerator.is_main_process else None
+    result.final_file = out_dir / final if accelerator.is_main_process else None
     if cfg.save_state or cfg.save_state_on_train_end:
         save_state(f"{name}-state", epoch + 1, global_step)
     result.global_step = global_step
@@ -509,7 +508,8 @@ def _dataset_entry(layout) -> dict:
     for sub in spec.subsets:
         cap = sub.caption
         subsets.append({
-            "img_count": sum(1 for info in layout.images.values() if info.subset is sub), "num_repeats": sub.num_repeats, "color_aug": False,
+            "img_count": sum(1 for info in layout.images.values() if info.subset is sub),
+            "num_repeats": sub.num_repeats, "color_aug": False,
             "flip_aug": sub.flip_aug, "random_crop": sub.random_crop, "shuffle_caption": cap.shuffle_caption,
             "keep_tokens": cap.keep_tokens, "keep_tokens_separator": cap.keep_tokens_separator,
             "secondary_separator": cap.secondary_separator, "enable_wildcard": cap.enable_wildcard,

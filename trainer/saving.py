@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import random
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,6 @@ from typing import Any
 import torch
 
 from loratools.errors import UsageError
-
-log = logging.getLogger(__name__)
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                "bf16": torch.bfloat16}
@@ -240,21 +236,22 @@ def count_fp16_flushes(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype |
 
 
 def save_network_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str],
-                      save_dtype: torch.dtype | None, *, save_model_as: str = "safetensors") -> Path:
-    """Write one network file (overwriting an earlier save of the same run), cast to `save_dtype`."""
+                      save_dtype: torch.dtype | None, *, save_model_as: str = "safetensors") -> tuple[Path, int]:
+    """Write one network file (overwriting an earlier save of the same run), cast to `save_dtype`.
+
+    Returns the path and how many modules the cast flushed to all-zero (fp16 underflow), which
+    the caller reports as `check weights` would.
+    """
     from loratools.io.writer import save_tensors
 
     flushed = count_fp16_flushes(tensors, save_dtype)
-    if flushed:
-        log.warning("%d modules of %s become all-zero in %s (fp16 underflow); save with --save_precision float "
-                    "or bf16 to keep them", flushed, path.name, str(save_dtype).replace("torch.", ""))
     out = {k: (v.to(save_dtype) if save_dtype is not None and v.is_floating_point() else v).contiguous()
            for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if save_model_as == "safetensors":
         save_tensors(path, out, metadata, overwrite=True, sshs_hashes=True)
-    else:
+    else:  # sd-scripts' .ckpt/.pt: a torch.save of the raw state dict, no metadata
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(out, tmp)
         tmp.replace(path)
-    return path
+    return path, flushed
