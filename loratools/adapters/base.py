@@ -195,6 +195,48 @@ class AdapterModule:
         return base.detach().float().reshape(shape)
 
 
+@dataclass(frozen=True, eq=False, kw_only=True)
+class WholeDelta(AdapterModule):
+    """A weight change stored whole, plus an optional bias change, unscaled (no alpha, no rank).
+
+    Full/diff and norm deltas differ only in their suffixes, so the maths lives here once. A
+    subclass sets ``SUFFIXES = (weight suffix, bias suffix)`` and declares two fields named
+    exactly like them (``diff``/``diff_b``, ``w_norm``/``b_norm``).
+    """
+
+    @classmethod
+    def parse(cls, name: str, tensors: Mapping[str, torch.Tensor], *, source_name: str = "",
+              alpha: float | None = None) -> WholeDelta | None:
+        weight, bias = cls.SUFFIXES
+        if weight not in tensors:
+            return None
+        return cls(name=name, source_name=source_name or name, **{weight: tensors[weight], bias: tensors.get(bias)})
+
+    @classmethod
+    def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
+        weight = cls.SUFFIXES[0]
+        return (None, tuple(shapes[weight])) if weight in shapes else None
+
+    def _stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = self.SUFFIXES
+        return getattr(self, weight), getattr(self, bias)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self._stored()[0].shape)
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        return self._finite(self._stored()[0].detach().float())
+
+    def bias_delta(self) -> torch.Tensor | None:
+        bias = self._stored()[1]
+        return None if bias is None else self._finite(bias.detach().float())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        weight, bias = self._stored()
+        return {k: t for k, t in zip(self.SUFFIXES, (weight, bias)) if t is not None}
+
+
 def read_alpha(t: torch.Tensor) -> float:
     """Alpha as stored: 0-d or (1,), any dtype (formats-spec 1.7); bf16 values kept as is."""
     return float(t.detach().float().reshape(-1)[0])
