@@ -121,7 +121,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_demo_sd1(tmp_path):
+def test_demo_sd1(tmp_path, monkeypatch):
     """--arch sd1 runs the same steps on the SD1-like model (in-process, one training step: the wiring)."""
     from loratools.ops.demo import DemoOptions, run_demo
 
@@ -133,6 +133,22 @@ def test_demo_sd1(tmp_path):
     assert r.merge.applied == r.merge.modules and r.merge.verified is True
     assert "model.diffusion_model.input_blocks.0.0.weight" in read_header(r.merge.path).tensors
     assert json.loads((tmp_path / "sd1" / "report.json").read_text())["arch"] == "sd1"
+
+
+    # the human rendering of the same result: three tables naming the files, numbers and commands
+    from rich.console import Console
+
+    from loratools.cli import demo as cli_demo, output
+
+    recorder = Console(record=True, width=250)
+    monkeypatch.setattr(output, "console", recorder)
+    cli_demo._render(r)
+    text = recorder.export_text()
+    for needle in ("Where everything is", "What each step produced", "Each step on your own files",
+                   "base/tiny-sd1.safetensors", f"rank {r.resized[1].rank_before} -> {r.resized[1].rank_after}",
+                   f"applied {r.merge.applied}/{r.merge.modules} modules", "loratools metadata show",
+                   "LoCon (networks.lora with conv_dim)"):
+        assert needle in text, needle
 
 
 def test_demo_commands_reproduce_its_steps(demo_run):
