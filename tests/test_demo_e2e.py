@@ -134,7 +134,6 @@ def test_demo_sd1(tmp_path, monkeypatch):
     assert "model.diffusion_model.input_blocks.0.0.weight" in read_header(r.merge.path).tensors
     assert json.loads((tmp_path / "sd1" / "report.json").read_text())["arch"] == "sd1"
 
-
     # the human rendering of the same result: three tables naming the files, numbers and commands
     from rich.console import Console
 
