@@ -37,6 +37,20 @@ def test_pickle_code_refused(tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
 
 
+def test_plain_pickle_refused_without_torch_warnings(tmp_path):
+    """A bare protocol-4 pickle (not torch.save): torch's UserWarning used to precede the one-line error."""
+    import pickle
+    import warnings
+
+    p = tmp_path / "plain.pt"
+    p.write_bytes(pickle.dumps(_Evil, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping the loader fails the test
+        with pytest.raises(InvalidFileError, match="safe loader") as exc:
+            open_state_dict(p)
+    assert "\n" not in str(exc.value) and str(p) in str(exc.value)
+
+
 def test_bad_ckpt(tmp_path):
     p = tmp_path / "junk.pt"
     p.write_bytes(b"not a checkpoint at all")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
     if not p.exists():
         raise InvalidFileError("file not found", path=p)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+        with warnings.catch_warnings():  # torch's pickle-protocol UserWarning would break the one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(str(exc))
         if "Unsupported global" in detail:
@@ -72,7 +75,9 @@ def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
                 "refusing to load: this checkpoint needs pickle code to load "
                 f"({what.group(1) if what else 'a non-tensor object'}), which could run code from the file; "
                 "convert it to .safetensors with a tool you trust", path=p) from None
-        raise InvalidFileError(f"not a readable PyTorch checkpoint ({detail})", path=p) from None
+        raise InvalidFileError(f"not a readable PyTorch checkpoint ({detail}): loratools reads pickles only with "
+                               "torch's safe loader (tensors and plain containers); convert it to .safetensors "
+                               "with a tool you trust", path=p) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InvalidFileError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''})", path=p) from None
