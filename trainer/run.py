@@ -141,6 +141,10 @@ def train(cfg: Any) -> TrainResult:
     if arch == "sdxl" and cfg.clip_skip:
         warnings.append("--clip_skip has no effect on SDXL (it always uses the penultimate layers)")
     weight_dtype = _dtype(cfg.mixed_precision)
+    if weight_dtype == torch.float16 and accelerator.device.type == "cpu":
+        warnings.append("--mixed_precision fp16 needs a GPU; on the CPU the frozen models stay in float32 "
+                        "(use bf16 for half precision on CPUs)")
+        weight_dtype = torch.float32
     vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
     device = accelerator.device
 
