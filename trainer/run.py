@@ -406,6 +406,9 @@ def train(cfg: Any) -> TrainResult:
         step_in_epoch = skip_batches
         skip_batches = 0
         for batch in epoch_loader:
+            multipliers = batch.get("network_multipliers")
+            if multipliers is not None:  # per dataset (batches never mix datasets), as sd-scripts
+                network.set_multiplier(float(multipliers[0]))
             with accelerator.accumulate(network):
                 out = trainer.compute_loss(batch)
                 accelerator.backward(out.loss)
