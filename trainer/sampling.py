@@ -184,6 +184,7 @@ class Sampler:
         was_training = self.network.training
         vae_device = next(self.model.vae.parameters()).device
         self.network.eval()
+        self.network.set_multiplier(1.0)  # samples show the network at full strength
         written: list[Path] = []
         try:
             self.model.vae.to(acc.device)
