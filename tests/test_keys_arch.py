@@ -150,3 +150,21 @@ def test_tiny_models_by_structure(arch):
     assert detect_checkpoint_arch(comps).arch == arch
     single = {k: s.shape for k, s in plan_single_file(comps, arch).items()}
     assert detect_checkpoint_arch(single).arch == arch
+
+
+def test_errors_name_the_file(tmp_path):
+    """The CLI prints one line per error; it must say which file (was: no path for --base/adapter)."""
+    import torch
+
+    from loratools.adapters import parse_adapter
+    from loratools.io import open_model, save_tensors
+
+    lora = tmp_path / "lora.safetensors"
+    save_tensors(lora, {"lora_unet_a.lora_down.weight": torch.ones(2, 4), "lora_unet_a.lora_up.weight": torch.ones(3, 2)})
+    with pytest.raises(ArchitectureMismatchError, match="not a Stable Diffusion checkpoint") as exc:
+        detect_checkpoint_arch(open_model(lora))
+    assert str(exc.value).startswith(f"{lora}: ")
+    with pytest.raises(ArchitectureMismatchError, match="cannot tell") as exc:
+        detect_adapter_arch(parse_adapter({"lora_unet_a.lora_down.weight": torch.ones(2, 4),
+                                           "lora_unet_a.lora_up.weight": torch.ones(3, 2)}, path=lora))
+    assert exc.value.path == str(lora)

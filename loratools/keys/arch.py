@@ -18,7 +18,8 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +74,10 @@ def detect_checkpoint_arch(source: Any) -> ArchInfo:
             what was seen.
     """
     if hasattr(source, "components") and hasattr(source, "key_shapes"):
-        if source.layout == "single_file":
-            return _single_file(source.key_shapes(""))
-        return _diffusers({c: source.key_shapes(c) for c in source.components})
+        with _naming(getattr(source, "path", None)):
+            if source.layout == "single_file":
+                return _single_file(source.key_shapes(""))
+            return _diffusers({c: source.key_shapes(c) for c in source.components})
     values = list(source.values())
     if values and isinstance(values[0], Mapping):
         return _diffusers(source)
@@ -269,12 +271,25 @@ def detect_adapter_arch(adapter: Any, metadata: Mapping[str, str] | None = None)
         ArchitectureMismatchError: an SD3/Flux/Cascade/refiner adapter, contradicting evidence,
             or nothing to tell by.
     """
-    info = guess_adapter_arch(adapter, metadata)
-    if info is None:
-        raise ArchitectureMismatchError(
-            "cannot tell the adapter's architecture: no text-encoder prefix, no cross-attention module with a "
-            "known width and no ss_base_model_version/modelspec.architecture metadata; pass --arch")
+    with _naming(getattr(adapter, "path", None)):
+        info = guess_adapter_arch(adapter, metadata)
+        if info is None:
+            raise ArchitectureMismatchError(
+                "cannot tell the adapter's architecture: no text-encoder prefix, no cross-attention module with a "
+                "known width and no ss_base_model_version/modelspec.architecture metadata; pass --arch")
     return info
+
+
+@contextmanager
+def _naming(path: Any) -> Iterator[None]:
+    """Put the file's path into an architecture error raised without one (the CLI's one line
+    must say which of the user's files is wrong)."""
+    try:
+        yield
+    except ArchitectureMismatchError as exc:
+        if path is None or exc.path is not None:
+            raise
+        raise ArchitectureMismatchError(str(exc), path=path) from None
 
 
 def _adapter_parts(adapter: Any, metadata: Mapping[str, str] | None

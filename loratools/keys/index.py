@@ -109,8 +109,10 @@ class BaseIndex(Mapping[str, Target]):
 
     @classmethod
     def from_model(cls, model: Any) -> BaseIndex:
-        """Build from a `loratools.io.checkpoint.ModelSource` (headers only, no tensor data)."""
-        return cls({c: model.key_shapes(c) for c in model.components}, layout=model.layout)
+        """Build from a `loratools.io.checkpoint.ModelSource` (headers only, no tensor data); an
+        architecture error names the model's path."""
+        return cls({c: model.key_shapes(c) for c in model.components}, layout=model.layout,
+                   arch=detect_checkpoint_arch(model))
 
     @classmethod
     def from_key_shapes(cls, key_shapes: Mapping[str, Any], *, layout: str | None = None) -> BaseIndex:
