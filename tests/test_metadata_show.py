@@ -134,3 +134,14 @@ def test_a1111_scale_tensor_sets_the_scale(tmp_path):
     save_tensors(tmp_path / "s.safetensors", t)
     s = summarize(tmp_path / "s.safetensors")
     assert s.unknown_keys == 0 and s.alphas == {"2": 2} and s.scales == {"1.5": 1, "0.5": 1}
+
+
+def test_checkpoint_is_called_a_checkpoint(tiny_sd1_ckpt, tmp_path):
+    """Was: 'unknown keys 440' for a base model, as if it were a broken adapter."""
+    s = summarize(tiny_sd1_ckpt)
+    assert s.kind == "checkpoint" and s.arch == "sd1" and s.to_json()["kind"] == "checkpoint"
+    t = {"lora_unet_a.lora_down.weight": torch.ones(2, 4), "lora_unet_a.lora_up.weight": torch.ones(3, 2)}
+    save_tensors(tmp_path / "a.safetensors", t)
+    assert summarize(tmp_path / "a.safetensors").kind == "adapter"
+    save_tensors(tmp_path / "x.safetensors", {"something": torch.ones(2)})
+    assert summarize(tmp_path / "x.safetensors").kind == "unknown"

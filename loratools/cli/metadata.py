@@ -84,10 +84,11 @@ def _render_summary(s: Any) -> None:
         ("size", f"{human_bytes(s.file_size)} ({s.file_size} bytes), header {human_bytes(s.header_size)}"),
         ("tensors", f"{s.tensor_count} ({hist(s.dtypes)})"),
         ("architecture", arch), ("note", s.arch_note),
-        ("adapter", hist(s.adapter_types)), ("naming", s.naming),
+        ("adapter", hist(s.adapter_types) or ("none: a checkpoint" if s.kind == "checkpoint" else None)),
+        ("naming", s.naming),
         ("modules", ", ".join(f"{k} {v}" for k, v in s.module_counts.items())),
         ("rank", hist(s.ranks)), ("alpha", hist(s.alphas)), ("scale alpha/rank", hist(s.scales)),
-        ("unknown keys", s.unknown_keys or None),
+        ("unknown keys", (s.unknown_keys or None) if s.kind != "checkpoint" else None),
         *[(k, v) for k, v in s.hashes.items()],
     ])
     kv("Base model", list(s.base_model.items()))

@@ -96,6 +96,7 @@ class MetadataSummary:
     arch_source: str | None = None
     arch_note: str | None = None
     naming: str | None = None
+    kind: str = "unknown"  # "adapter", "checkpoint" (an SD1/SD2/SDXL model, no adapter modules) or "unknown"
     adapter_types: dict[str, int] = field(default_factory=dict)
     module_counts: dict[str, int] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
@@ -120,7 +121,8 @@ class MetadataSummary:
             "tensor_count": self.tensor_count, "dtypes": self.dtypes,
             "architecture": {"arch": self.arch, "label": self.arch_label, "evidence": self.arch_source,
                              "note": self.arch_note},
-            "naming": self.naming, "adapter_types": self.adapter_types, "module_counts": self.module_counts,
+            "kind": self.kind, "naming": self.naming, "adapter_types": self.adapter_types,
+            "module_counts": self.module_counts,
             "ranks": self.ranks, "alphas": self.alphas, "scales": self.scales, "unknown_keys": self.unknown_keys,
             "base_model": self.base_model, "training": self.training,
             "trigger_words": [{"tag": t, "count": c} for t, c in self.trigger_words],
@@ -271,6 +273,7 @@ def _describe_modules(s: MetadataSummary, header: SafetensorsHeader) -> None:
         _detect_arch(s, None, header)
         return
     s.naming = summary.naming
+    s.kind = "adapter"
     alpha_of = read_scalars(header, [k for m in summary.modules.values() for k in (m.alpha_key, m.scale_key) if k])
     kinds: Counter[str] = Counter()
     comps: Counter[str] = Counter()
@@ -311,6 +314,7 @@ def _detect_arch(s: MetadataSummary, summary: Any, header: SafetensorsHeader) ->
             info = guess_adapter_arch(summary, header.metadata)
         else:
             info = detect_checkpoint_arch({k: t.shape for k, t in header.tensors.items()})
+            s.kind = "checkpoint"
     except ArchitectureMismatchError as exc:
         s.arch_note = str(exc)
         return
