@@ -49,7 +49,8 @@ def test_demo_trains_and_samples(demo_run):
     assert train["steps"] == len(train["losses"]) == 8
     assert train["loss_first"] == train["losses"][0] and train["loss_last"] == train["losses"][-1]
     header = read_header(train["lora"])
-    assert any(k.startswith("lora_te1_") for k in header.tensors) and any(k.startswith("lora_unet_") for k in header.tensors)
+    assert any(k.startswith("lora_te1_") for k in header.tensors)
+    assert any(k.startswith("lora_unet_") for k in header.tensors)
     # LoCon: 3x3 conv layers have 4-d factors of rank conv_dim=4
     conv_downs = [i.shape for k, i in header.tensors.items() if k.endswith("lora_down.weight") and len(i.shape) == 4
                   and i.shape[2:] == (3, 3)]
@@ -93,7 +94,8 @@ def test_demo_checks_merges_and_reads_metadata(demo_run):
         assert sum(c["counts"].values()) == c["modules"] > 0
 
     merge = report["merge"]
-    assert merge["applied"] == merge["modules"] > 0 and merge["verified"] is True
+    assert merge["applied"] == merge["modules"] > 0 and merge["verified"] is True and merge["ratio"] == 0.8
+    assert "out dir/train/tinychar-locon.safetensors:0.8" in shlex.split(merge["command"])
     merged = open_model(merge["path"])
     base = open_model(report["base"]["single_file"])
     assert merged.layout == "single_file" and set(merged.components[""]) == set(base.components[""])

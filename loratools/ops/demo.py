@@ -40,6 +40,7 @@ ENTRIES = ("base", "dataset", "train", "resized", "merged", "report.json", MARKE
 ARCHES = ("sdxl", "sd1")
 CONCEPT = "tinychar"
 RECIPES = ("fro_ckpt=1,thr=-3.55", "sv_fro=0.9")
+MERGE_RATIO = 0.8  # the LoCon's strength in the merged checkpoint (LORA:RATIO on the command line)
 PROMPT = f"{CONCEPT}, red circle, white background, stripes"
 #: The seeds' LoCon per architecture: the Pony/SDXL guide (Hungarian) trains lycoris.kohya with
 #: algo=locon preset=full; the SD1.5 guide (Russian) kohya's own networks.lora with conv_dim.
@@ -354,9 +355,9 @@ def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settin
     folder = out / "train"
     folder.mkdir()
     prompts = folder / "prompts.txt"
-    prompts.write_text(f"{PROMPT} --w 64 --h 64 --d {seed + 1} --s {settings.sample_steps} --l 5\n"
-                       f"blue square, black background --w 64 --h 64 --d {seed + 2} --s {settings.sample_steps} --l 5\n",
-                       encoding="utf-8")
+    options = f"--w 64 --h 64 --s {settings.sample_steps} --l 5"
+    prompts.write_text(f"{PROMPT} {options} --d {seed + 1}\n"
+                       f"blue square, black background {options} --d {seed + 2}\n", encoding="utf-8")
     # The run is configured the way a user would: a TOML recipe of sd-scripts flags, so the command
     # shown for this step is exactly what ran. The base is the diffusers folder, as the Pony guide
     # trains from one; resize and merge use the single file, as resize_lora and A1111 users do.
@@ -406,7 +407,7 @@ def _merge(out: Path, base: BaseReport, lora: Path, seed: int) -> MergeReport:
     folder = out / "merged"
     folder.mkdir()
     target = folder / f"tiny-{base.arch}-{CONCEPT}.safetensors"
-    ratio = 1.0
+    ratio = MERGE_RATIO
     res = merge_checkpoint(MergeOptions(base.single_file, [WeightedPath(lora, ratio)], target, verify=True))
     rep = res.adapters[0]
     images = {}
@@ -417,7 +418,8 @@ def _merge(out: Path, base: BaseReport, lora: Path, seed: int) -> MergeReport:
     change = float(np.abs(images["merged"] - images["base"]).mean())
     return MergeReport(target, target.stat().st_size, ratio, rep.modules, rep.applied, res.patched_keys,
                        res.copied_keys, res.verified, previews["base"], previews["merged"], change,
-                       _command("loratools", "merge", base.single_file, f"{_shown(lora)}:{ratio:g}", "-o", target, "--verify"))
+                       _command("loratools", "merge", base.single_file, f"{_shown(lora)}:{ratio:g}", "-o", target,
+                                "--verify"))
 
 
 def _save_png(image: Any, path: Path) -> Path:
