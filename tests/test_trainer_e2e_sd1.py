@@ -161,3 +161,26 @@ def test_continue_from_network_weights_and_same_seed_is_reproducible(tiny_sd1_di
     assert set(end.keys()) == set(start.keys())  # ranks and modules come from the file
     assert all(end[k].shape == start[k].shape for k in start)
     assert not any(k.startswith("lora_te") for k in end)
+
+
+def test_epoch_saves_keep_last_n_and_the_russian_guides_optimizer(tiny_sd1_dir, tiny_dataset, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("tinychar --w 64 --h 64 --s 1 --d 7\n")
+    out = tmp_path / "out"
+    result = train(resolve_config(_args(
+        tiny_sd1_dir, tiny_dataset.root, out, "--train_batch_size", "8", "--gradient_accumulation_steps", "4",
+        "--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_last_n_epochs", "1",
+        "--sample_prompts", str(prompts), "--sample_every_n_epochs", "2", "--sample_every_n_steps", "1",
+        "--clip_skip", "2", "--max_token_length", "225", "--optimizer_type", "Prodigy", "--learning_rate", "1",
+        "--optimizer_args", "weight_decay=0.01", "betas=0.9,0.99", "decouple=True", "d_coef=2",
+        "use_bias_correction=True", "safeguard_warmup=True", "--lr_scheduler", "cosine_with_restarts",
+        "--lr_scheduler_num_cycles", "2")))
+    assert result.global_step == 3 and result.epochs == 3  # 4 batches / accumulation 4 = 1 step per epoch
+    # epoch 1 was saved then removed (keep 1), epoch 2 kept, epoch 3 is the final file
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-000002.safetensors", "tiny.safetensors"]
+    meta = open_safetensors(out / "tiny-000002.safetensors").metadata
+    assert (meta["ss_epoch"], meta["ss_steps"], meta["ss_clip_skip"], meta["ss_max_token_length"]) == ("2", "2", "2", "225")
+    assert meta["ss_optimizer"] == ("prodigyopt.prodigy.Prodigy(weight_decay=0.01,betas=(0.9, 0.99),decouple=True,"
+                                    "d_coef=2,use_bias_correction=True,safeguard_warmup=True)")
+    # epochs win over steps for sampling: only the end of epoch 2 samples
+    assert [p.name.split("_")[1] for p in result.sample_files] == ["e000002"]
