@@ -69,3 +69,35 @@ def test_lms_without_scipy_is_a_usage_error():
 def test_unknown_sampler_is_refused():
     with pytest.raises(UsageError, match="euler_a"):
         make_scheduler("k_nope", False)
+
+
+def test_sampler_image_matches_the_diffusers_pipeline(tmp_path):
+    """A sample with an untrained (identity) network equals diffusers' own render of the prompt."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from loratools.tiny import build_pipeline
+    from trainer.config import resolve_config
+    from trainer.models import BaseModel
+    from trainer.network.network import LoRANetwork, NetworkOptions
+    from trainer.sampling import Sampler
+
+    pipe = build_pipeline("sd1")
+    model = BaseModel("sd1", pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer], False, Path("."))
+    net = LoRANetwork("sd1", pipe.unet, [pipe.text_encoder], NetworkOptions.from_args("sd1", 2, 1, None, {}))
+    net.apply_to()
+    cfg = resolve_config(["--sample_sampler", "euler", "--output_name", "s"])
+    prompt = parse_prompt_line("tinychar, red circle --w 64 --h 64 --d 5 --s 3 --l 7")
+    state = torch.get_rng_state()
+    files = Sampler(cfg, model, net, Accelerator(cpu=True), tmp_path, "s", torch.float32, [prompt]).run(epoch=None, step=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert files[0].parent == tmp_path / "sample" and files[0].name.startswith("s_000001_00_")
+    ours = np.asarray(Image.open(files[0]), dtype=np.int16)
+    pipe.scheduler = make_scheduler("euler", False)
+    ref = pipe("tinychar, red circle", num_inference_steps=3, guidance_scale=7.0, width=64, height=64,
+               generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.abs(ours - np.asarray(ref, dtype=np.int16)).max() <= 1

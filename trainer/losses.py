@@ -93,7 +93,7 @@ def huber_c(cfg: Any, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor 
         alpha = -math.log(cfg.huber_c) / noise_scheduler.config.num_train_timesteps
         return torch.exp(-alpha * timesteps) * cfg.huber_scale
     if cfg.huber_schedule == "snr":
-        ac = torch.index_select(noise_scheduler.alphas_cumprod, 0, timesteps.cpu())
+        ac = torch.index_select(noise_scheduler.alphas_cumprod.cpu(), 0, timesteps.cpu())
         sigmas = ((1.0 - ac) / ac) ** 0.5
         return ((1 - cfg.huber_c) / (1 + sigmas) ** 2 + cfg.huber_c).to(timesteps.device)
     return torch.full((timesteps.shape[0],), cfg.huber_c * cfg.huber_scale, device=timesteps.device)

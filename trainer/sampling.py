@@ -199,14 +199,19 @@ class Sampler:
                 pipe = self._pipeline(sched)
                 seed = p.seed if p.seed is not None else random.SystemRandom().randint(0, 2**31)
                 gen = torch.Generator(device="cpu").manual_seed(seed)
-                with torch.no_grad(), acc.autocast():
-                    pos = text.encode([p.prompt])
-                    neg = text.encode([p.negative_prompt])
-                    kwargs: dict[str, Any] = {"prompt_embeds": pos.hidden, "negative_prompt_embeds": neg.hidden}
-                    if self.model.arch == "sdxl":
-                        kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)
-                    image = pipe(num_inference_steps=p.sample_steps, guidance_scale=p.scale, width=p.width,
-                                 height=p.height, generator=gen, **kwargs).images[0]
+                with torch.no_grad():
+                    with acc.autocast():
+                        pos = text.encode([p.prompt])
+                        neg = text.encode([p.negative_prompt])
+                        kwargs: dict[str, Any] = {"prompt_embeds": pos.hidden, "negative_prompt_embeds": neg.hidden}
+                        if self.model.arch == "sdxl":
+                            kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)
+                        latents = pipe(num_inference_steps=p.sample_steps, guidance_scale=p.scale, width=p.width,
+                                       height=p.height, generator=gen, output_type="latent", **kwargs).images
+                    # decoded outside autocast, in the VAE's own dtype (fp32 with --no_half_vae: no NaNs)
+                    vae = self.model.vae
+                    decoded = vae.decode(latents.to(vae.dtype) / self.model.latent_scaling).sample
+                    image = pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0]
                 path = self.folder / sample_file_name(self.name, epoch, step, index, p.seed, now)
                 image.save(path)
                 written.append(path)
