@@ -81,8 +81,9 @@ def _align(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def instantiate(cls: Any, config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], what: str,
-                path: Path) -> Any:
-    """Build `cls` from `config` without random init and load `sd` into it (strict)."""
+                path: Path, device: torch.device | None = None) -> Any:
+    """Build `cls` from `config` without random init and load `sd` into it (strict); with `device`
+    (`--lowram`) each tensor goes from the file straight to that device."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -101,8 +102,8 @@ def instantiate(cls: Any, config: Mapping[str, Any], sd: Mapping[str, torch.Tens
         first = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise InvalidFileError(f"{what}: {len(missing)} weights missing, {len(extra)} unexpected ({first}); "
                                "the file does not match its config", path=path)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
-                          strict=True, assign=True)
+    model.load_state_dict({k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device)
+                           for k, v in tensors.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -134,8 +135,9 @@ def detect_arch(has_te2: bool, te_config: Mapping[str, Any]) -> str:
     return "sd2" if te_config.get("hidden_act") == "gelu" else "sd1"
 
 
-def load_base_model(cfg: Any) -> BaseModel:
-    """Load the base model named by `cfg.pretrained_model_name_or_path` (and `cfg.vae`)."""
+def load_base_model(cfg: Any, device: torch.device | None = None) -> BaseModel:
+    """Load the base model named by `cfg.pretrained_model_name_or_path` (and `cfg.vae`); with
+    `device` (`--lowram`) the weights are placed there directly instead of in CPU memory."""
     from loratools.io.checkpoint import open_model
 
     if not cfg.pretrained_model_name_or_path:
@@ -146,11 +148,11 @@ def load_base_model(cfg: Any) -> BaseModel:
                          "folder or a single-file checkpoint (nothing is downloaded from a hub)")
     source = open_model(path)
     if source.layout == "diffusers":
-        model = _load_diffusers(path, source)
+        model = _load_diffusers(path, source, device)
     else:
         from trainer.single_file import load_single_file
 
-        model = load_single_file(path, source, cfg)
+        model = load_single_file(path, source, cfg, device)
     if cfg.model_type and cfg.model_type != model.arch:
         if not (cfg.model_type in ("sd1", "sd2") and model.arch in ("sd1", "sd2")):
             raise UsageError(f"--model_type {cfg.model_type} but {path} is a {model.arch} model; drop --model_type "
@@ -161,18 +163,21 @@ def load_base_model(cfg: Any) -> BaseModel:
     model.v_parameterization = bool(cfg.v_parameterization) or model.v_parameterization
     if cfg.vae:
         model.vae, model.vae_path = load_vae(Path(cfg.vae).expanduser().resolve())
+        if device is not None:
+            model.vae.to(device)
     return model
 
 
-def _load_diffusers(path: Path, source) -> BaseModel:
+def _load_diffusers(path: Path, source, device: torch.device | None = None) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     for comp in ("unet", "vae", "text_encoder"):
         if comp not in source.components:
             raise InvalidFileError(f"diffusers folder has no {comp}/ weights", path=path)
     unet = instantiate(UNet2DConditionModel, _read_json(path / "unet" / "config.json"),
-                       source.components["unet"], "unet", path)
-    vae = instantiate(AutoencoderKL, _read_json(path / "vae" / "config.json"), source.components["vae"], "vae", path)
+                       source.components["unet"], "unet", path, device)
+    vae = instantiate(AutoencoderKL, _read_json(path / "vae" / "config.json"), source.components["vae"], "vae", path,
+                      device)
     te_cfg = _read_json(path / "text_encoder" / "config.json")
     has_te2 = "text_encoder_2" in source.components
     text_encoders, tokenizers = [], []
@@ -180,7 +185,7 @@ def _load_diffusers(path: Path, source) -> BaseModel:
         if comp not in source.components:
             continue
         cls, config = _te_classes(_read_json(path / comp / "config.json"))
-        text_encoders.append(instantiate(cls, config, source.components[comp], comp, path))
+        text_encoders.append(instantiate(cls, config, source.components[comp], comp, path, device))
         tokenizers.append(load_tokenizer(path / tok))
     sched = path / "scheduler" / "scheduler_config.json"
     v_pred = sched.exists() and _read_json(sched).get("prediction_type") == "v_prediction"

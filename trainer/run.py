@@ -116,7 +116,7 @@ def train(cfg: Any) -> TrainResult:
     model = None
     for index in range(accelerator.num_processes) if cfg.lowram else [accelerator.process_index]:
         if index == accelerator.process_index:
-            model = load_base_model(cfg)
+            model = load_base_model(cfg, accelerator.device if cfg.lowram else None)
         if cfg.lowram:
             accelerator.wait_for_everyone()
     assert model is not None
@@ -253,6 +253,8 @@ def train(cfg: Any) -> TrainResult:
     num_epochs = plan.num_epochs
     lr_scheduler = create_scheduler(cfg, opt_info, accelerator.num_processes)
     optimizer, loader, lr_scheduler = accelerator.prepare(opt_info.optimizer, loader, lr_scheduler)
+    if cfg.full_fp16 and getattr(accelerator, "scaler", None) is not None:
+        _allow_fp16_unscale(accelerator.scaler)
     accelerator.register_for_checkpointing(network)
     params = [p for g in groups for p in g["params"]]
     recorder = LossRecorder()
@@ -491,6 +493,17 @@ def train(cfg: Any) -> TrainResult:
     result.epochs = epoch + 1
     accelerator.end_training()
     return result
+
+
+def _allow_fp16_unscale(scaler) -> None:
+    """`--full_fp16`: the network's own params are fp16, which torch's GradScaler refuses to unscale
+    unless told to (what sd-scripts' patch_accelerator_for_fp16_training does)."""
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 - signature of torch's method
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale
 
 
 def _dataset_metadata(dataset) -> dict:

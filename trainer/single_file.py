@@ -132,7 +132,7 @@ def _tokenizer_dirs(path: Path, cfg: Any, n: int) -> list[Path]:
                      "e.g. copied from a diffusers folder of the same model family)")
 
 
-def load_single_file(path: Path, source, cfg: Any) -> BaseModel:
+def load_single_file(path: Path, source, cfg: Any, device: torch.device | None = None) -> BaseModel:
     """A BaseModel from a single-file checkpoint (see the module docstring)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -168,12 +168,12 @@ def load_single_file(path: Path, source, cfg: Any) -> BaseModel:
         cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
         if comp == "text_encoder_2":
             te2_proj = config.projection_dim
-        text_encoders.append(instantiate(cls, config, parts[comp], comp, path))
+        text_encoders.append(instantiate(cls, config, parts[comp], comp, path, device))
     unet_shapes = {k: tuple(v.shape) for k, v in parts["unet"].items()}
     unet = instantiate(UNet2DConditionModel, config_for("unet", unet_config(arch, unet_shapes, te2_proj)),
-                       parts["unet"], "unet", path)
+                       parts["unet"], "unet", path, device)
     vae = instantiate(AutoencoderKL, config_for("vae", vae_config(arch, {k: tuple(v.shape) for k, v in parts["vae"].items()})),
-                      parts["vae"], "vae", path)
+                      parts["vae"], "vae", path, device)
     return BaseModel(arch, unet, vae, text_encoders, tokenizers, False, path)
 
 
