@@ -302,7 +302,7 @@ class Resizer:
                 passthrough.update({f"{m.source_name}.{s}": t for s, t in m.tensors().items()})
                 result.passthrough.append(name)
                 continue
-            target, W = self._base_weight(name, m)
+            target = self.index.resolve(name) if self.index is not None else None
             weight_shape = tuple(target.shape) if target is not None else tuple(m.weight_shape)
             if math.prod(weight_shape) != math.prod(m.weight_shape):
                 raise ArchitectureMismatchError(
@@ -314,9 +314,9 @@ class Resizer:
                 raise NonFiniteError(f"module {name}: its factors hold NaN or Inf; the LoRA is broken "
                                      "(loratools check weights shows where)", path=adapter.path)
             base = None
-            if W is not None:
-                fro, spn = self._norms(target, W)
-                proj = subspace_projection(U, Vh, W) if want_subspace else None
+            if target is not None:
+                fro, spn = self._norms(target)
+                proj = subspace_projection(U, Vh, self._base_weight(target)) if want_subspace else None
                 base = BaseRefs(fro=fro, spn=spn, subspace=proj)
             elif self.index is not None:
                 result.unmatched.append(name)
@@ -339,7 +339,7 @@ class Resizer:
             if need and cached + nbytes <= self.factor_cache_bytes:  # else rebuilt when written
                 layer.factors, cached = (U[:, :need].clone(), Vh[:need].clone()), cached + nbytes
             layers.append(layer)
-            del W, U, Vh
+            del U, Vh
         if progress:
             progress("decompose", len(names), len(names))
         if result.unmatched:
@@ -381,18 +381,13 @@ class Resizer:
                                None if mid is None else mid.to(dev).float(), m.scale)
         return U.cpu(), S.cpu(), Vh.cpu(), min(r, S.numel()) if m.kind != "lora" else r
 
-    def _base_weight(self, name: str, m: AdapterModule) -> tuple[Any, torch.Tensor | None]:
-        if self.index is None:
-            return None, None
-        target = self.index.resolve(name)
-        if target is None:
-            return None, None
+    def _base_weight(self, target: Any) -> torch.Tensor:
+        """One base weight (TE2's fused q/k/v: its row block), read only when needed."""
         w = self.model.components[target.component][target.key]
-        if target.rows is not None:
-            w = w[target.rows[0]:target.rows[1]]
-        return target, w
+        return w[target.rows[0]:target.rows[1]] if target.rows is not None else w
 
-    def _norms(self, target: Any, W: torch.Tensor) -> tuple[float, float]:
+    def _norms(self, target: Any) -> tuple[float, float]:
+        """Cached norms, or the base weight read and measured (then cached)."""
         from loratools.linalg.norms import frobenius_norm, spectral_norm
         from loratools.ops.resize.cache import NormCache
 
@@ -400,6 +395,7 @@ class Resizer:
         hit = self.cache.get(key) if self.cache is not None else None
         if hit is not None:
             return float(hit["fro"]), float(hit["spn"])
+        W = self._base_weight(target)
         fro, spn = frobenius_norm(W), spectral_norm(W)
         if self.cache is not None:
             self.cache.put(key, fro, spn)
