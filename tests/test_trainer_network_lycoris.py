@@ -32,6 +32,30 @@ def real_sdxl():
     return unet, tes
 
 
+def test_real_size_sd1_preset_full_matches_kohya_locon_plus_the_four_named_layers():
+    """SD1 LyCORIS `preset=full` (the bug: "duplicated lora name: lora_unet_time_embedding_linear_1"):
+    the kohya LoCon module set of a real SD1.5 file, plus conv_in, conv_out and the two
+    time-embedding linears once each, under their diffusers-style names as in real SD1.5 LyCORIS files."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def cfg(name):
+        return json.loads((CONFIGS / "sd1" / f"{name}.json").read_text())
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config({k: v for k, v in cfg("unet").items() if not k.startswith("_")})
+        te = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))
+    net = LycorisAdapter("sd1", unet, [te], 8, 4, None, {"algo": "locon", "preset": "full", "conv_dim": "8",
+                                                         "conv_alpha": "1"}, train_unet=True, train_text_encoder=True)
+    got = {k.split(".")[0] for k in net.kohya_state_dict()}
+    kohya_locon = {k.split(".")[0] for k in json.loads((FIXTURES / "lora_kohya_sd15_locon.json").read_text())["tensors"]}
+    extra = {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
+             "lora_unet_time_embedding_linear_2"}
+    assert got == kohya_locon | extra
+    assert net.module_count() == len(kohya_locon) + 4
+
+
 @pytest.mark.parametrize("fixture", ["lora_lycoris_sdxl_locon.json", "lora_lycoris_sdxl_loha.json",
                                      "lora_lycoris_sdxl_lokr.json", "lora_lycoris_sdxl_locon_tucker.json"])
 def test_real_size_sdxl_files_match_sd_scripts_lycoris(real_sdxl, fixture):

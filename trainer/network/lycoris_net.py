@@ -2,6 +2,8 @@
 through the lycoris-lora package, behind the same surface as `LoRANetwork`.
 
 What this adapter adds around `lycoris.kohya.create_network` (spec 5, "pitfalls"):
+- a preset naming a layer that one of its classes already wraps (`full`: `TimestepEmbedding` and
+  `time_embedding.linear_1`) would wrap it twice on SD1/SD2: the name entry is dropped;
 - presets are class-level state in lycoris: the preset is applied right before each network;
 - on SDXL the UNet is a diffusers model here but an SGM model in sd-scripts, whose class/name
   targets (`TimestepEmbedding`, `conv_in`, `conv_out`, `time_embedding.*`) do not exist there:
@@ -17,7 +19,10 @@ What this adapter adds around `lycoris.kohya.create_network` (spec 5, "pitfalls"
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +39,22 @@ _SGM_MISSING_CLASSES = ("TimestepEmbedding",)
 _SGM_MISSING_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
 
+def _import_lycoris():
+    """`lycoris.kohya` and its PRESET table, with lycoris' log lines sent to stderr: its logger
+    writes to stdout (a handler built at import time), which would corrupt `--json` output and
+    users' pipes. The handler's stream is swapped; site-packages stay untouched."""
+    try:
+        from lycoris import kohya as lyco_kohya
+        from lycoris.config import PRESET
+    except ImportError:
+        raise UsageError("--network_module lycoris.kohya needs the lycoris-lora package "
+                         "(pip install 'lycoris-lora>=3.1,<5')") from None
+    for handler in logging.getLogger("LyCORIS").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setStream(sys.stderr)
+    return lyco_kohya, PRESET
+
+
 def _truthy(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
@@ -45,12 +66,7 @@ class LycorisAdapter(nn.Module):
                  args: Mapping[str, str], *, train_unet: bool, train_text_encoder: bool,
                  weights: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()
-        try:
-            from lycoris import kohya as lyco_kohya
-            from lycoris.config import PRESET
-        except ImportError:
-            raise UsageError("--network_module lycoris.kohya needs the lycoris-lora package "
-                             "(pip install 'lycoris-lora>=3.1,<5')") from None
+        lyco_kohya, presets = _import_lycoris()
         self.arch = arch
         self.ignored = [f"network_args {k} is ignored by lycoris.kohya (sd-scripts + LyCORIS ignore it too)"
                         for k in IGNORED_BY_LYCORIS if k in args]
@@ -58,19 +74,20 @@ class LycorisAdapter(nn.Module):
         if dropout is not None and "dropout" not in kwargs:
             kwargs["dropout"] = str(dropout)
         preset_name = kwargs.get("preset", "full")
-        if preset_name in PRESET:
-            preset = copy.deepcopy(PRESET[preset_name])
+        if preset_name in presets:
+            preset = copy.deepcopy(presets[preset_name])
         else:
             from lycoris.utils.preset import read_preset
 
             preset = read_preset(preset_name)
             if preset is None:
                 raise UsageError(f"network_args preset={preset_name}: not a built-in preset "
-                                 f"({', '.join(PRESET)}) nor a readable preset TOML file")
+                                 f"({', '.join(presets)}) nor a readable preset TOML file")
         if arch == "sdxl":
             preset["unet_target_module"] = [m for m in preset.get("unet_target_module", [])
                                             if m not in _SGM_MISSING_CLASSES]
             preset["unet_target_name"] = [n for n in preset.get("unet_target_name", []) if n not in _SGM_MISSING_NAMES]
+        preset = _drop_names_inside_target_classes(preset, unet)
         if preset_name == "ia3" and not preset.get("use_fnmatch"):
             preset = _anchor_ia3_names(preset)
         if preset_name == "attn-only":
@@ -82,7 +99,9 @@ class LycorisAdapter(nn.Module):
         lyco_kohya.PRESET = {**original, "__applied__": preset}
         try:
             te_arg = list(text_encoders) if len(text_encoders) > 1 else text_encoders[0]
-            self.net = lyco_kohya.create_network(1.0, dim, alpha, None, te_arg, unet, warn_on_unmatched=False, **kwargs)
+            with contextlib.redirect_stdout(sys.stderr):  # LoHa/LoKr print() warnings while building
+                self.net = lyco_kohya.create_network(1.0, dim, alpha, None, te_arg, unet, warn_on_unmatched=False,
+                                                     **kwargs)
         except AssertionError as exc:  # lycoris validates its arguments with asserts
             raise UsageError(f"lycoris.kohya rejected the network_args: {exc}") from None
         finally:
@@ -163,6 +182,21 @@ class LycorisAdapter(nn.Module):
             raise UsageError(f"network weights do not fit the chosen algorithm (first unexpected key: "
                              f"{result.unexpected_keys[0]}); use the same algo/preset as the file")
         return sorted(set(unknown))
+
+
+def _drop_names_inside_target_classes(preset: dict, unet) -> dict:
+    """Remove target names that a target class already wraps. lycoris' `full` preset lists both
+    the `TimestepEmbedding` class and `time_embedding.linear_1/2`; on SD1/SD2 both match the
+    same layers and lycoris stops with "duplicated lora name". Real SD1.5 LyCORIS files hold each
+    of `lora_unet_time_embedding_linear_1/2` once (same name either way), so the name entry goes."""
+    classes = set(preset.get("unet_target_module", []))
+    inside: set[str] = set()
+    for path, module in unet.named_modules():
+        if path and type(module).__name__ in classes:
+            inside.update(f"{path}.{sub}" for sub, _ in module.named_modules() if sub)
+    out = dict(preset)
+    out["unet_target_name"] = [n for n in preset.get("unet_target_name", []) if n not in inside]
+    return out
 
 
 def _anchor_ia3_names(preset: dict) -> dict:
