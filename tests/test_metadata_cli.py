@@ -73,3 +73,24 @@ def test_bad_inputs_exit_2(tmp_path, content, needle):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0] and str(target) in lines[0]
+
+
+def test_brackets_in_names_and_values_are_text_not_markup(sd15, tmp_path, monkeypatch):
+    """Civitai names like `char [v2].safetensors` and tags like `[/b]` were eaten as rich markup
+    (or crashed the renderer with a MarkupError)."""
+    from typer.testing import CliRunner
+
+    from loratools.cli.app import app
+
+    def text(*args: str) -> str:
+        r = CliRunner().invoke(app, list(args))
+        assert r.exit_code in (0, 1), r.output
+        return " ".join(r.stdout.split())  # the console may wrap long paths
+
+    monkeypatch.chdir(tmp_path)  # a short relative path: rules truncate long titles
+    out = "char [v2].safetensors"
+    shown = text("metadata", "set", str(sd15), "ss_training_comment=use [tag] and [/b] here", "-o", out)
+    assert "use [tag] and [/b] here" in shown and f"wrote {out}" in shown
+    shown = text("metadata", "show", out)
+    assert "char [v2].safetensors" in shown and "use [tag] and [/b] here" in shown
+    assert "char [v2].safetensors" in text("check", "weights", out)

@@ -96,7 +96,7 @@ def _pct(x: float) -> str:
 def _render(r: Any, all_modules: bool) -> None:
     from rich.table import Table
 
-    from loratools.cli.output import console
+    from loratools.cli.output import console, plain
 
     t = Table(title_justify="left", show_lines=False, pad_edge=False)
     t.add_column("module", overflow="fold", ratio=3)
@@ -114,9 +114,9 @@ def _render(r: Any, all_modules: bool) -> None:
         color = "green" if m.status == "ok" else "yellow" if m.expected or m.status == "underflow" else "red"
         rank = f"{m.kind} {m.rank if m.rank is not None else '-'}/{_g(m.alpha)}"
         factors = "; ".join(f"{x.suffix.removesuffix('.weight')} {_g(x.mean_abs)}/{_g(x.min_abs)}" for x in m.tensors)
-        t.add_row(m.name, rank, factors, _pct(max(x.zero_fraction for x in m.tensors)),
+        t.add_row(plain(m.name), rank, plain(factors), _pct(max(x.zero_fraction for x in m.tensors)),
                   _pct(max(x.below_fp16_normal for x in m.tensors)), _g(m.delta_norm), f"[{color}]{status}[/{color}]")
-    console.rule(f"[bold]{r.path}")
+    console.rule(f"[bold]{plain(r.path)}")
     if shown:
         console.print(t)
     counts = ", ".join(f"{n} {s}" for s, n in r.counts.items())
@@ -124,7 +124,7 @@ def _render(r: Any, all_modules: bool) -> None:
     console.print(f"{len(r.modules)} modules ({counts}); {dtypes}; architecture {(r.arch or 'unknown').upper()}"
                   + (f", clip skip {r.clip_skip}" if r.clip_skip else ""))
     for line in r.explanations:
-        console.print("- " + line, highlight=False)
+        console.print("- " + plain(line), highlight=False)
     console.print("[red]FAILED[/red]" if r.failed else "[green]OK[/green]")
 
 

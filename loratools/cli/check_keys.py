@@ -50,7 +50,7 @@ def keys(
     if not result.ok:
         if not json_out:
             for problem in result.problems():
-                out.err_console.print(f"[red]problem:[/red] {problem}", soft_wrap=True, highlight=False)
+                out.err_console.print(f"[red]problem:[/red] {out.plain(problem)}", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
 
 
@@ -80,7 +80,7 @@ def _render(result, show_all: bool) -> None:
         good = [(m.name, _where(m), _shape(m.base_shape)) for m in result.modules if m.status == "ok"]
         if good:
             out.console.print(out.table("modules that apply", ["module", "base weight", "shape"], good))
-    out.console.print(result.summary)
+    out.console.print(out.plain(result.summary))
 
 
 def _listing(title: str, names: list[str], limit: int | None) -> None:
@@ -88,9 +88,9 @@ def _listing(title: str, names: list[str], limit: int | None) -> None:
 
     if not names:
         return
-    out.console.print(title)
+    out.console.print(out.plain(title))
     for name in names[:limit]:
-        out.console.print(f"  {name}", soft_wrap=True)
+        out.console.print(f"  {out.plain(name)}", soft_wrap=True)
     if limit is not None and len(names) > limit:
         out.console.print(f"  ... and {len(names) - limit} more (--all lists them)")
 

@@ -59,7 +59,7 @@ def show(
 def _render_summary(s: Any) -> None:
     from rich.table import Table
 
-    from loratools.cli.output import console, human_bytes
+    from loratools.cli.output import console, human_bytes, plain
 
     def kv(title: str, rows: list[tuple[str, Any]]) -> None:
         rows = [(k, v) for k, v in rows if v not in (None, "", {}, [])]
@@ -69,7 +69,7 @@ def _render_summary(s: Any) -> None:
         t.add_column(style="bold", no_wrap=True)
         t.add_column(overflow="fold")
         for k, v in rows:
-            t.add_row(k, _text(v))
+            t.add_row(plain(k), plain(_text(v)))
         console.print(t)
         console.print()
 
@@ -79,7 +79,7 @@ def _render_summary(s: Any) -> None:
     arch = s.arch_label or "unknown"
     if s.arch_source:
         arch += f" (from {s.arch_source})"
-    console.rule(f"[bold]{s.path}")
+    console.rule(f"[bold]{plain(s.path)}")
     kv("File", [
         ("size", f"{human_bytes(s.file_size)} ({s.file_size} bytes), header {human_bytes(s.header_size)}"),
         ("tensors", f"{s.tensor_count} ({hist(s.dtypes)})"),
@@ -126,7 +126,7 @@ def dump(file: FileArg) -> None:
 
 
 def _report(result: Any, json_out: bool) -> None:
-    from loratools.cli.output import console, print_json, table
+    from loratools.cli.output import console, plain, print_json, table
 
     rows = [(c.key, c.action, c.reason, c.old, c.new) for c in result.changes]
     if json_out:
@@ -142,7 +142,7 @@ def _report(result: Any, json_out: bool) -> None:
     else:
         console.print("no metadata changed")
     note = ", sshs hashes recomputed" if result.hashes_recomputed else ""
-    console.print(f"wrote {result.output}{note}")
+    console.print(f"wrote {plain(result.output)}{note}")
 
 
 def _short(v: str | None, n: int = 60) -> str | None:
