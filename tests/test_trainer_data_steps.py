@@ -161,3 +161,12 @@ def test_empty_and_missing_inputs_are_errors(tmp_path: Path):
         build_layouts(resolve_config(["--train_data_dir", str(tmp_path / "train"), "--resolution", "64"]))
     with pytest.raises(UsageError, match="no resolution"):
         build_layouts(resolve_config(["--train_data_dir", str(tmp_path / "train")]))
+
+
+def test_txt_captions_under_the_default_extension_get_a_hint(tmp_path: Path):
+    """sd-scripts' default is `.caption`; a `.txt`-captioned folder used to warn without saying why."""
+    _images(tmp_path / "train" / "2_cat", [(64, 64), (64, 64)])
+    cfg = resolve_config(["--train_data_dir", str(tmp_path / "train"), "--resolution", "64"])
+    build_layouts(cfg)
+    (warning,) = [w for w in cfg.warnings if "without a .caption caption" in w]
+    assert warning.endswith("(they have .txt files: pass --caption_extension .txt)")

@@ -142,6 +142,15 @@ def build_layouts(cfg: TrainConfig, *, validation: bool = False, seed: int = 0) 
     return layouts
 
 
+def _other_captions_hint(missing: list[Path], extension: str) -> str:
+    """sd-scripts' default caption extension is `.caption`, but most datasets (and the seed guides)
+    use `.txt`: when the uncaptioned images have captions under another common extension, say so."""
+    for other in (".txt", ".caption"):
+        if other != extension and all(p.with_suffix(other).is_file() for p in missing):
+            return f" (they have {other} files: pass --caption_extension {other})"
+    return ""
+
+
 def _layout(cfg: TrainConfig, spec: DatasetSpec, validation: bool) -> DatasetLayout | None:
     split_seed = spec.validation_seed if spec.validation_seed is not None else (cfg.seed or 0)
     train: list[ImageInfo] = []
@@ -163,7 +172,7 @@ def _layout(cfg: TrainConfig, spec: DatasetSpec, validation: bool) -> DatasetLay
             fallback = repr(subset.class_tokens) if subset.class_tokens else "an empty caption"
             shown = ", ".join(p.name for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
             add_warning(cfg, f"{subset.image_dir}: {len(missing)} image(s) without a {subset.caption.caption_extension} "
-                                f"caption use {fallback}: {shown}")
+                                f"caption use {fallback}: {shown}" + _other_captions_hint(missing, subset.caption.caption_extension))
         counts = frequency.setdefault(subset.image_dir.name, {})
         for tag, n in tag_frequency([i.caption for i in infos]).items():
             counts[tag] = counts.get(tag, 0) + n
