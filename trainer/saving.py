@@ -222,7 +222,8 @@ def _thumbnail(path: Path) -> str:
 
 
 def count_fp16_flushes(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> int:
-    """Modules whose every factor becomes all-zero in `dtype` although it was not zero in fp32."""
+    """Modules with a factor that is nonzero in fp32 but all-zero in `dtype`: their saved delta is
+    zero, so `check weights` reports each of them as dead."""
     if dtype not in (torch.float16, torch.bfloat16):
         return 0
     modules: dict[str, bool] = {}

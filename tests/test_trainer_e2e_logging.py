@@ -1,0 +1,74 @@
+"""One tiny SD1 run (2 epochs of 1 step, LoRA+, max-norm, fp16 save) read back through its
+tensorboard events and its warnings: the scalars sd-scripts logs, and the fp16-underflow count."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.config import resolve_config
+from trainer.run import train
+
+pytestmark = pytest.mark.slow
+
+LR = 1e-10  # so small that every trained lora_up flushes to zero in fp16
+RATIO = 16.0
+
+
+@pytest.fixture(scope="module")
+def run(tiny_sd1_dir, tmp_path_factory):
+    from loratools.tiny import make_dataset
+
+    tmp = tmp_path_factory.mktemp("logging_run")
+    data = make_dataset(tmp / "train", "sd1", 2, repeats=1).root
+    cfg = resolve_config([
+        "--pretrained_model_name_or_path", str(tiny_sd1_dir), "--train_data_dir", str(data),
+        "--output_dir", str(tmp / "out"), "--output_name", "tiny", "--resolution", "64",
+        "--caption_extension", ".txt", "--train_batch_size", "2", "--network_dim", "4", "--network_alpha", "4",
+        "--learning_rate", str(LR), "--lr_scheduler", "constant", "--max_train_epochs", "2", "--seed", "1",
+        "--max_data_loader_n_workers", "0", "--network_args", f"loraplus_lr_ratio={RATIO:g}",
+        "--scale_weight_norms", "1", "--save_precision", "fp16",
+        "--log_with", "tensorboard", "--logging_dir", str(tmp / "logs"), "--log_prefix", "run-"])
+    result = train(cfg)
+    events = list((tmp / "logs").glob("run-*/**/events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return result, scalars
+
+
+def test_step_scalars_as_sd_scripts_names_them(run):
+    result, scalars = run
+    assert result.global_step == 2
+    assert [s for s, _ in scalars["loss/current"]] == [1, 2]
+    assert [v for _, v in scalars["loss/current"]] == pytest.approx(result.losses, rel=1e-6)
+    assert [s for s, _ in scalars["loss/average"]] == [1, 2]
+    # one learning rate per param group, LoRA+ lora_up groups at lr x ratio
+    expected = {"lr/textencoder": LR, "lr/textencoder plus": LR * RATIO, "lr/unet": LR, "lr/unet plus": LR * RATIO}
+    assert {t: [v for _, v in scalars[t]] for t in expected} == {
+        t: [pytest.approx(v, rel=1e-6)] * 2 for t, v in expected.items()}
+    assert not [t for t in scalars if t.startswith("lr/") and t not in expected]
+    for tag in ("max_norm/keys_scaled", "max_norm/max_key_norm", "norm/avg_key_norm"):
+        assert [s for s, _ in scalars[tag]] == [1, 2]
+    assert all(v == 0 for _, v in scalars["max_norm/keys_scaled"])  # norms stay far below 1 at this lr
+
+
+def test_epoch_average_logged_per_epoch(run):
+    result, scalars = run
+    steps = [s for s, _ in scalars["loss/epoch_average"]]
+    assert steps == [1, 2]  # x-axis: the epoch number
+    # one step per epoch: the epoch average is that step's loss
+    assert [v for _, v in scalars["loss/epoch_average"]] == pytest.approx(result.losses, rel=1e-6)
+
+
+def test_fp16_save_that_flushes_modules_warns_with_the_count_check_weights_reports(run):
+    from loratools.ops.check_weights import check_file
+
+    result, _ = run
+    report = check_file(result.final_file)
+    dead = [m for m in report.modules if m.status == "dead"]
+    assert dead  # lora_up moved by ~1e-9: zero once cast to fp16
+    messages = [w for w in result.warnings if "underflow" in w and result.final_file.name in w]
+    assert messages and messages[-1].startswith(f"{len(dead)} modules of {result.final_file.name} are all-zero in fp16")
