@@ -120,3 +120,21 @@ def test_attn_only_trains_diffusers_attention_and_warns_for_ignored_args(tiny_sd
     names = list(net.kohya_state_dict())
     assert names and all("_attn1_" in n or "_attn2_" in n for n in names)
     assert any("use_reentrant" in w for w in net.ignored)
+
+
+def test_loraplus_flag_reaches_lycoris_param_groups(tiny_sd1):
+    """`--loraplus_lr_ratio` (a flag, not a network_arg) gives lycoris' up factors lr x ratio."""
+    from types import SimpleNamespace
+
+    from trainer.network import create_network
+
+    cfg = SimpleNamespace(network_module="lycoris.kohya", network_dim=4, network_alpha=1, network_dropout=None,
+                          loraplus_lr_ratio=8.0, loraplus_unet_lr_ratio=None, loraplus_text_encoder_lr_ratio=None)
+    net = create_network(cfg, "sd1", tiny_sd1.unet, [tiny_sd1.text_encoder], {"algo": "locon"},
+                         train_unet=True, train_text_encoder=False)
+    groups, descriptions = net.prepare_optimizer_params(None, 1e-4, 1e-4)
+    by_lr = {g["lr"]: sum(p.numel() for p in g["params"]) for g in groups}
+    assert set(by_lr) == {1e-4, 8e-4}
+    ups = sum(p.numel() for n, p in net.named_parameters() if "lora_up" in n)
+    assert by_lr[8e-4] == ups
+    assert any("plus" in d for d in descriptions)

@@ -16,6 +16,9 @@ import torch
 from loratools.errors import UsageError
 
 
+_LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
 def create_network(cfg: Any, arch: str, unet, text_encoders, network_args: Mapping[str, str], *,
                    train_unet: bool, train_text_encoder: bool,
                    weights: Mapping[str, torch.Tensor] | None = None):
@@ -27,6 +30,9 @@ def create_network(cfg: Any, arch: str, unet, text_encoders, network_args: Mappi
         args = dict(network_args)
         if module == "networks.dylora":
             args.setdefault("algo", "dylora")
+        for attr in _LORAPLUS:  # the --loraplus_* flags; network_args win, as in sd-scripts
+            if getattr(cfg, attr, None) is not None:
+                args.setdefault(attr, str(getattr(cfg, attr)))
         return LycorisAdapter(arch, unet, text_encoders, cfg.network_dim, cfg.network_alpha, cfg.network_dropout,
                               args, train_unet=train_unet, train_text_encoder=train_text_encoder, weights=weights)
     if module in ("networks.lora", "locon.locon_kohya"):
@@ -37,7 +43,7 @@ def create_network(cfg: Any, arch: str, unet, text_encoders, network_args: Mappi
             args["conv_dim"] = str(cfg.network_dim or 4)
             args.setdefault("conv_alpha", str(cfg.network_alpha))
         opts = NetworkOptions.from_args(arch, cfg.network_dim, cfg.network_alpha, cfg.network_dropout, args)
-        for attr in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        for attr in _LORAPLUS:
             if getattr(cfg, attr, None) is not None and getattr(opts, attr) is None:
                 setattr(opts, attr, getattr(cfg, attr))
         return LoRANetwork(arch, unet, text_encoders, opts, train_unet=train_unet,
