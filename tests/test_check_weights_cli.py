@@ -105,8 +105,15 @@ def test_alpha_zero_is_warned_and_explained(tmp_path):
     assert "store alpha 0 (first: lora_unet_down_blocks_0_attentions_0_proj_in)" in r.stderr
 
 
-def test_a_checkpoint_is_not_an_adapter(tiny_sd1_ckpt):
-    """Was: "0 modules (); ; architecture UNKNOWN ... OK" and exit 0."""
-    r = run(str(tiny_sd1_ckpt))
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith(f"error: {tiny_sd1_ckpt}: no LoRA/LyCORIS module") and "checkpoint?" in r.stderr
+def test_a_checkpoint_is_not_an_adapter(tmp_path):
+    """Was: "0 modules (); ; architecture UNKNOWN ... OK" and exit 0. (Exit 2 and the one-line
+    rendering of every LoratoolsError are checked by test_bad_input_exit_2.)"""
+    from loratools.errors import InvalidFileError
+
+    ckpt = tmp_path / "model.safetensors"
+    save_tensors(ckpt, {"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3),
+                        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(8)})
+    r = in_process(str(ckpt))
+    assert isinstance(r.exception, InvalidFileError) and r.stdout == ""
+    assert str(r.exception).startswith(f"{ckpt}: no LoRA/LyCORIS module among its 2 keys")
+    assert "checkpoint?" in str(r.exception)

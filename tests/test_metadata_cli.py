@@ -35,19 +35,21 @@ def test_show_json_and_text(sd15):
 
 
 def test_dump_and_edit(sd15, tmp_path):
-    r = run("metadata", "dump", str(sd15))
-    assert r.returncode == 0
-    dumped = json.loads(r.stdout)
-    assert dumped == open_safetensors(sd15).metadata and list(dumped) == sorted(dumped)
-    out = tmp_path / "out.safetensors"
-    r = run("metadata", "set", str(sd15), "modelspec.author=me", "ss_output_name=hero", "-o", str(out), "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["output"] == str(out)
-    assert open_safetensors(out).metadata["modelspec.author"] == "me"
+    """Successes in-process (typer's runner), the error paths through the real program."""
     from typer.testing import CliRunner
 
     from loratools.cli.app import app
 
+    r = CliRunner().invoke(app, ["metadata", "dump", str(sd15)])
+    assert r.exit_code == 0
+    dumped = json.loads(r.stdout)
+    assert dumped == open_safetensors(sd15).metadata and list(dumped) == sorted(dumped)
+    out = tmp_path / "out.safetensors"
+    r = CliRunner().invoke(app, ["metadata", "set", str(sd15), "modelspec.author=me", "ss_output_name=hero",
+                                 "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["output"] == str(out)
+    assert open_safetensors(out).metadata["modelspec.author"] == "me"
     r = CliRunner().invoke(app, ["metadata", "strip", str(out), "--training-data", "--in-place"])
     assert r.exit_code == 0 and "ss_tag_frequency" in r.stdout and "caption tags" in r.stdout
     assert "ss_tag_frequency" not in open_safetensors(out).metadata
