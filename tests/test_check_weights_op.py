@@ -96,6 +96,10 @@ def test_fail_on_selects(sd1_planted):
     assert parse_fail_on(["none"]) == frozenset()
     with pytest.raises(UsageError, match="unknown status"):
         CheckOptions(fail_on=frozenset({"zombie"}))
+    with pytest.raises(UsageError, match="unknown status ok"):  # was accepted, and never failed anything
+        CheckOptions(fail_on=frozenset({"ok"}))
+    with pytest.raises(UsageError, match="cannot be combined with dead"):  # was "unknown status none"
+        parse_fail_on(["none", "dead"])
 
 
 def test_sdxl_te1_last_layer_expected():
@@ -159,6 +163,14 @@ def test_norm_other_types_use_delta():
     w1 = m.w1_a @ m.w1_b
     w2 = m.w2_a @ m.w2_b  # alpha 1 / rank 2 = scale 0.5
     assert delta_norm(m) == pytest.approx(0.5 * float(torch.linalg.vector_norm((w1 * w2).double())), rel=1e-5)
+
+
+def test_dora_norm_needs_the_base():
+    """DoRA's delta rescales the base weight; the norm of its LoRA product was reported as if it were it."""
+    g = torch.Generator().manual_seed(3)
+    m = LoRAModule(name="m", alpha=2.0, down=torch.randn(2, 5, generator=g), up=torch.randn(6, 2, generator=g),
+                   dora_scale=torch.rand(6, 1, generator=g))
+    assert delta_norm(m) is None
 
 
 def test_tensor_stats_hand_values():

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from loratools.adapters import AdapterFile, AdapterModule
 
 STATUSES = ("ok", "dead", "nan", "underflow")
+FAILABLE = STATUSES[1:]  # an ``ok`` module never fails a check
 FP16_TINY = 2.0 ** -14  # smallest normal fp16, 6.1e-5
 FP16_FLUSH = 2.0 ** -25  # |x| <= this rounds to 0 in fp16 (half the smallest subnormal, ties to even)
 _TE_LAYER = re.compile(r"^lora_te([12]?)_text_model_encoder_layers_(\d+)_")
@@ -51,9 +52,10 @@ class CheckOptions:
     underflow_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        bad = set(self.fail_on) - set(STATUSES)
+        bad = set(self.fail_on) - set(FAILABLE)
         if bad:
-            raise UsageError(f"--fail-on: unknown status {', '.join(sorted(bad))} (choose from {', '.join(STATUSES)})")
+            raise UsageError(f"--fail-on: unknown status {', '.join(sorted(bad))} "
+                             f"(choose from {', '.join(FAILABLE)}, or none alone)")
         if not 0.0 < self.underflow_fraction <= 1.0:
             raise UsageError(f"underflow fraction must be in (0, 1], got {self.underflow_fraction}")
 
@@ -163,6 +165,8 @@ def delta_norm(module: AdapterModule, as_float: Mapping[str, torch.Tensor] | Non
     from loratools.adapters import LoRAModule
     from loratools.linalg.lowrank import contract_tucker, flatten_down, flatten_up
 
+    if module.needs_base:  # DoRA rescales the base weight: its delta is not the LoRA product's
+        return None
     if isinstance(module, LoRAModule):
         f = as_float or {"lora_up.weight": module.up.float(), "lora_down.weight": module.down.float()}
         up = flatten_up(f["lora_up.weight"])
@@ -170,8 +174,6 @@ def delta_norm(module: AdapterModule, as_float: Mapping[str, torch.Tensor] | Non
         down = flatten_down(down)
         gram = float((up.T @ up).mul_(down @ down.T).sum(dtype=torch.float64))
         return abs(module.scale) * math.sqrt(max(gram, 0.0))
-    if module.needs_base:
-        return None
     return float(torch.linalg.vector_norm(module.delta().float(), dtype=torch.float64))
 
 
@@ -365,4 +367,6 @@ def _summarise(report: WeightsReport, options: CheckOptions) -> None:
 def parse_fail_on(values: Iterable[str]) -> frozenset[str]:
     """``--fail-on dead,nan`` (comma lists and repeats) -> a validated set; ``none`` disables."""
     out = {v.strip().lower() for item in values for v in item.split(",") if v.strip()}
+    if "none" in out and len(out) > 1:
+        raise UsageError(f"--fail-on: none means never fail; it cannot be combined with {', '.join(sorted(out - {'none'}))}")
     return frozenset() if out == {"none"} else frozenset(out)
