@@ -105,3 +105,18 @@ def test_empty_folder(tmp_path):
         open_model(tmp_path / "nope")
     with pytest.raises(InvalidFileError, match="directory"):
         open_state_dict(tmp_path)
+
+
+def test_a_folder_names_the_adapter_inside(tmp_path):
+    """diffusers/PEFT trainers write a folder; the error says which file to pass."""
+    from loratools.io import read_header
+
+    folder = tmp_path / "my_lora"
+    folder.mkdir()
+    with pytest.raises(InvalidFileError, match="pass a file, not a folder"):
+        open_state_dict(folder)
+    save_tensors(folder / "pytorch_lora_weights.safetensors", {"unet.a.lora_A.weight": torch.ones(2, 4)})
+    for read in (open_state_dict, read_header):
+        with pytest.raises(InvalidFileError, match="pass the file inside it") as exc:
+            read(folder)
+        assert str(folder / "pytorch_lora_weights.safetensors") in str(exc.value)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loratools.errors import InvalidFileError
+from loratools.io.header import directory_hint
 from loratools.io.reader import SafetensorsReader, open_safetensors
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def open_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
     """
     p = Path(path)
     if p.is_dir():
-        raise InvalidFileError("is a directory; use a diffusers-folder-aware command or pass a file", path=p)
+        raise InvalidFileError(f"is a directory; {directory_hint(p)}", path=p)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         return _load_pickle(p)
     return open_safetensors(p)

@@ -69,6 +69,19 @@ def _fail(path: str | Path, problem: str) -> InvalidFileError:
     return InvalidFileError(problem, path=path)
 
 
+def directory_hint(folder: Path) -> str:
+    """What to pass instead of a folder: the .safetensors files in it (diffusers/PEFT trainers
+    save ``pytorch_lora_weights.safetensors`` or ``adapter_model.safetensors`` in a folder)."""
+    try:
+        files = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    except OSError:
+        files = []
+    if not files:
+        return "pass a file, not a folder"
+    shown = ", ".join(str(folder / f) for f in files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+    return f"pass the file inside it: {shown}"
+
+
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file, reading no tensor data.
 
@@ -83,7 +96,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     """
     p = Path(path)
     if p.is_dir():
-        raise _fail(p, "is a directory, not a .safetensors file; pass the file inside it")
+        raise _fail(p, f"is a directory, not a .safetensors file; {directory_hint(p)}")
     try:
         with open(p, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
