@@ -138,3 +138,66 @@ def test_loraplus_flag_reaches_lycoris_param_groups(tiny_sd1):
     ups = sum(p.numel() for n, p in net.named_parameters() if "lora_up" in n)
     assert by_lr[8e-4] == ups
     assert any("plus" in d for d in descriptions)
+
+
+PRESET_UNET_PARTS = {  # what each built-in preset may wrap in an SD1 UNet (diffusers-style kohya names)
+    "full": None,
+    "full-lin": None,
+    # lycoris lists the TimestepEmbedding class in these two; sd-scripts' SD1 UNet has that class too
+    "attn-mlp": ("_attentions_", "_time_embedding_"),
+    "attn-only": ("_attn1_", "_attn2_"),
+    "unet-transformer-only": ("_attentions_", "_time_embedding_"),
+    "unet-convblock-only": ("_resnets_", "_downsamplers_", "_upsamplers_", "_conv_in", "_conv_out", "_time_embedding_"),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESET_UNET_PARTS))
+def test_every_seed_preset_builds_on_sd1_and_reads_back(tiny_sd1, preset):
+    from loratools.adapters import parse_adapter
+
+    net = LycorisAdapter("sd1", tiny_sd1.unet, [tiny_sd1.text_encoder], 4, 1, None,
+                         {"algo": "locon", "preset": preset, "conv_dim": "2", "conv_alpha": "1"},
+                         train_unet=True, train_text_encoder=True)
+    tensors = net.kohya_state_dict()
+    names = {k.split(".")[0] for k in tensors}
+    assert len(names) == net.module_count()  # no module twice
+    unet = [n for n in names if n.startswith("lora_unet_")]
+    assert unet
+    parts = PRESET_UNET_PARTS[preset]
+    if parts is not None:
+        assert all(any(p in n for p in parts) for n in unet), [n for n in unet if not any(p in n for p in parts)][:5]
+    if preset == "full-lin":  # no 3x3 convs without enable_conv
+        assert all(tensors[f"{n}.lora_down.weight"].shape[-1] == 1 for n in unet if tensors[f"{n}.lora_down.weight"].dim() == 4)
+    with torch.no_grad():
+        for v in tensors.values():
+            if v.dim() > 0:
+                v.normal_()
+    parsed = parse_adapter(tensors)
+    assert not parsed.unknown and set(parsed.modules) == names
+
+
+def test_use_scalar_train_norm_and_rank_dropout_scale(tiny_sd1):
+    from loratools.adapters import parse_adapter
+
+    net = LycorisAdapter("sd1", tiny_sd1.unet, [tiny_sd1.text_encoder], 4, 1, None,
+                         {"algo": "locon", "preset": "full", "use_scalar": "True", "train_norm": "True",
+                          "rank_dropout_scale": "True", "rank_dropout": "0.1"},
+                         train_unet=True, train_text_encoder=True)
+    assert all(m.rank_dropout_scale for m in net.net.loras)
+    tensors = net.kohya_state_dict()
+    norms = {k.split(".")[0] for k in tensors if k.endswith(".w_norm")}
+    assert any(n.startswith("lora_unet_") and "_norm1" in n for n in norms)
+    scalars = [m.scalar for m in net.net.loras if isinstance(getattr(m, "scalar", None), torch.nn.Parameter)]
+    assert scalars and all(float(s) == 0 for s in scalars)  # trainable, starting at 0
+    # files hold lora_up x scalar (as sd-scripts + LyCORIS save them): zero until the scalar moves
+    assert not any(k.endswith(".scalar") for k in tensors)
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert ups and all(not v.any() for v in ups)
+    assert any(m.lora_up.weight.any() for m in net.net.loras if hasattr(m, "lora_up"))
+    with torch.no_grad():
+        for v in tensors.values():
+            if v.dim() > 0:
+                v.normal_()
+    parsed = parse_adapter(tensors)
+    assert not parsed.unknown
+    assert {parsed.modules[n].kind for n in norms} == {"norm"}

@@ -49,8 +49,8 @@ def _import_lycoris():
     except ImportError:
         raise UsageError("--network_module lycoris.kohya needs the lycoris-lora package "
                          "(pip install 'lycoris-lora>=3.1,<5')") from None
-    for handler in logging.getLogger("LyCORIS").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+    for handler in logging.getLogger("LyCORIS").handlers:  # only lycoris' own handler (its formatter)
+        if isinstance(handler, logging.StreamHandler) and type(handler.formatter).__module__.startswith("lycoris"):
             handler.setStream(sys.stderr)
     return lyco_kohya, PRESET
 
