@@ -128,8 +128,8 @@ class AdapterModule:
 
     @property
     def needs_base(self) -> bool:
-        """True when ``delta`` depends on the base weight (DoRA, IA3)."""
-        return False
+        """True when ``delta`` depends on the base weight: DoRA (any type with a ``dora_scale``), IA3."""
+        return getattr(self, "dora_scale", None) is not None
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

@@ -68,10 +68,6 @@ class LoHaModule(AdapterModule):
         return int(self.w1_b.shape[0])
 
     @property
-    def needs_base(self) -> bool:
-        return self.dora_scale is not None
-
-    @property
     def weight_shape(self) -> tuple[int, ...]:
         t1 = None if self.t1 is None else tuple(self.t1.shape)
         return _weight_shape(tuple(self.w1_a.shape), tuple(self.w1_b.shape), t1)

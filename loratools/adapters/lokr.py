@@ -74,10 +74,6 @@ class LoKrModule(AdapterModule):
         return super().scale
 
     @property
-    def needs_base(self) -> bool:
-        return self.dora_scale is not None
-
-    @property
     def weight_shape(self) -> tuple[int, ...]:
         return _weight_shape({k: tuple(v.shape) for k, v in self._factors().items()})
 

@@ -67,10 +67,6 @@ class LoRAModule(AdapterModule):
         return int(self.down.shape[0])
 
     @property
-    def needs_base(self) -> bool:
-        return self.dora_scale is not None
-
-    @property
     def weight_shape(self) -> tuple[int, ...]:
         mid = None if self.mid is None else tuple(self.mid.shape)
         return _weight_shape(tuple(self.down.shape), tuple(self.up.shape), mid)
