@@ -225,3 +225,35 @@ def test_compute_loss_applies_alpha_masks_and_loss_weights(tiny_sd1):
     half[1] = 0.0
     torch.testing.assert_close(loss(alpha_masks=half), full * torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(loss(loss_weights=torch.tensor([0.5, 2.0])), full * torch.tensor([0.5, 2.0]))
+
+
+def _lrs(cfg, info, n):
+    sched = create_scheduler(cfg, info, 1)
+    out = []
+    for _ in range(n):
+        out.append(sched.get_last_lr()[0])
+        info.optimizer.step()
+        sched.step()
+    return out
+
+
+def test_constant_with_warmup_and_polynomial_by_hand():
+    cfg, info = _schedule(lr_scheduler="constant_with_warmup", lr_warmup_steps=2, max_train_steps=5)
+    assert _lrs(cfg, info, 5) == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3])
+    # transformers' polynomial decay: (lr - lr_end) * (1 - (t - w) / (T - w)) ** power + lr_end, lr_end 1e-7
+    cfg, info = _schedule(lr_scheduler="polynomial", lr_scheduler_power=2.0, lr_warmup_steps=1, max_train_steps=5)
+    want = [0.0] + [(1e-3 - 1e-7) * (1 - (t - 1) / 4) ** 2 + 1e-7 for t in range(1, 5)]
+    assert _lrs(cfg, info, 5) == pytest.approx(want)
+
+
+def test_lion_and_legacy_flags_name_their_package():
+    import importlib.util
+
+    if importlib.util.find_spec("lion_pytorch") or importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("lion-pytorch or bitsandbytes installed: nothing is missing")
+    with pytest.raises(UsageError, match="lion-pytorch"):
+        _optimizer(optimizer_type="Lion")
+    with pytest.raises(UsageError, match="lion-pytorch"):
+        _optimizer(optimizer_type="", use_lion_optimizer=True)
+    with pytest.raises(UsageError, match="bitsandbytes"):
+        _optimizer(optimizer_type="Lion8bit")
