@@ -48,7 +48,7 @@ def _import_lycoris():
         from lycoris.config import PRESET
     except ImportError:
         raise UsageError("--network_module lycoris.kohya needs the lycoris-lora package "
-                         "(pip install 'lycoris-lora>=3.1,<5')") from None
+                         "(pip install 'lycoris-lora>=4.1,<5')") from None
     for handler in logging.getLogger("LyCORIS").handlers:  # only lycoris' own handler (its formatter)
         if isinstance(handler, logging.StreamHandler) and type(handler.formatter).__module__.startswith("lycoris"):
             handler.setStream(sys.stderr)
