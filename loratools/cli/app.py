@@ -66,9 +66,9 @@ def main() -> None:
     except LoratoolsError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        from loratools.cli.output import err_console
+        from loratools.cli.output import err_console, plain
 
-        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True, markup=True, highlight=False)
+        err_console.print(f"[red]error:[/red] {plain(exc)}", soft_wrap=True, highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
