@@ -1,7 +1,10 @@
-"""One tiny SD1 run (2 epochs of 1 step, LoRA+, max-norm, fp16 save) read back through its
-tensorboard events and its warnings: the scalars sd-scripts logs, and the fp16-underflow count."""
+"""One tiny SD1 run (2 epochs of 1 step, LoRA+, max-norm, fp16 save, no --output_name) read back
+through its tensorboard events, its files and its warnings: the scalars sd-scripts logs, the file
+names sd-scripts gives without --output_name, and the fp16-underflow count."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -20,13 +23,16 @@ def run(tiny_sd1_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("logging_run")
     data = make_dataset(tmp / "train", "sd1", 2, repeats=1).root
+    prompts = tmp / "p.txt"
+    prompts.write_text("tinychar --w 64 --h 64 --s 1 --d 7\n")
     cfg = resolve_config([
         "--pretrained_model_name_or_path", str(tiny_sd1_dir), "--train_data_dir", str(data),
-        "--output_dir", str(tmp / "out"), "--output_name", "tiny", "--resolution", "64",
+        "--output_dir", str(tmp / "out"), "--resolution", "64",
         "--caption_extension", ".txt", "--train_batch_size", "2", "--network_dim", "4", "--network_alpha", "4",
         "--learning_rate", str(LR), "--lr_scheduler", "constant", "--max_train_epochs", "2", "--seed", "1",
         "--max_data_loader_n_workers", "0", "--network_args", f"loraplus_lr_ratio={RATIO:g}",
-        "--scale_weight_norms", "1", "--save_precision", "fp16",
+        "--scale_weight_norms", "1", "--save_precision", "fp16", "--save_every_n_steps", "1",
+        "--save_every_n_epochs", "1", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
         "--log_with", "tensorboard", "--logging_dir", str(tmp / "logs"), "--log_prefix", "run-"])
     result = train(cfg)
     events = list((tmp / "logs").glob("run-*/**/events.out.tfevents.*"))
@@ -37,6 +43,16 @@ def run(tiny_sd1_dir, tmp_path_factory):
     acc.Reload()
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     return result, scalars
+
+
+def test_file_names_without_output_name_as_sd_scripts(run):
+    result, _ = run
+    out = result.output_dir
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "at-step00000001.safetensors", "at-step00000002.safetensors", "epoch-000001.safetensors", "last.safetensors"]
+    assert result.final_file.name == "last.safetensors"
+    samples = [p.name for p in (out / "sample").glob("*.png")]
+    assert len(samples) == 1 and re.fullmatch(r"000002_00_\d{14}_7\.png", samples[0])
 
 
 def test_step_scalars_as_sd_scripts_names_them(run):

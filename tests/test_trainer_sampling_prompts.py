@@ -41,6 +41,7 @@ def test_sample_file_names_as_sd_scripts():
     now = datetime.datetime(2024, 6, 15, 12, 30, 45)
     assert sample_file_name("lora", None, 100, 0, 42, now) == "lora_000100_00_20240615123045_42.png"
     assert sample_file_name("lora", 3, 100, 12, None, now) == "lora_e000003_12_20240615123045.png"
+    assert sample_file_name(None, None, 5, 0, None, now) == "000005_00_20240615123045.png"  # no --output_name
 
 
 @pytest.mark.parametrize("name", ["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",

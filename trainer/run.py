@@ -269,7 +269,7 @@ def train(cfg: Any) -> TrainResult:
         session_start=session_start, trainer_version=_version())
     save_dtype = saving.SAVE_DTYPES[cfg.save_precision]
     out_dir = Path(cfg.output_dir)
-    name = cfg.resolved_output_name
+    name = cfg.output_name  # None: sd-scripts' per-kind defaults (epoch-…, at-step…, last)
     ext = cfg.save_model_as if cfg.save_model_as != "pt" else "pt"
     result = TrainResult(out_dir, None, warnings=warnings, latents_encoded=cache_counts[0],
                          latents_reused=cache_counts[1])
@@ -443,10 +443,10 @@ def train(cfg: Any) -> TrainResult:
                     if old is not None:
                         remove(saving.step_file(name, old, ext))
                     if cfg.save_state:
-                        save_state(f"{name}-step{global_step:08d}-state", epoch + 1, global_step)
+                        save_state(saving.step_state_dir(name, global_step), epoch + 1, global_step)
                         old = saving.step_to_remove(global_step, cfg.save_every_n_steps, cfg.save_last_n_steps_state)
                         if old is not None:
-                            remove_state(f"{name}-step{old:08d}-state")
+                            remove_state(saving.step_state_dir(name, old))
                 if schedule_free:
                     optimizer.train()
             recorder.add(epoch, step_in_epoch, loss_value)
@@ -474,10 +474,10 @@ def train(cfg: Any) -> TrainResult:
             if old is not None:
                 remove(saving.epoch_file(name, old, ext))
             if cfg.save_state:
-                save_state(f"{name}-{epoch + 1:06d}-state", epoch + 1, global_step)
+                save_state(saving.epoch_state_dir(name, epoch + 1), epoch + 1, global_step)
                 old = saving.epoch_to_remove(epoch + 1, cfg.save_every_n_epochs, cfg.save_last_n_epochs_state)
                 if old is not None:
-                    remove_state(f"{name}-{old:06d}-state")
+                    remove_state(saving.epoch_state_dir(name, old))
         if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
             sample(epoch + 1, global_step)
     progress.close()
@@ -488,7 +488,7 @@ def train(cfg: Any) -> TrainResult:
     save(final, epoch + 1, global_step)
     result.final_file = out_dir / final if accelerator.is_main_process else None
     if cfg.save_state or cfg.save_state_on_train_end:
-        save_state(f"{name}-state", epoch + 1, global_step)
+        save_state(saving.final_state_dir(name), epoch + 1, global_step)
     result.global_step = global_step
     result.epochs = epoch + 1
     accelerator.end_training()

@@ -130,18 +130,20 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     return [parse_prompt_line(ln) for ln in lines if ln and not ln.startswith("#")]
 
 
-def sample_file_name(output_name: str, epoch: int | None, step: int, index: int, seed: int | None,
+def sample_file_name(output_name: str | None, epoch: int | None, step: int, index: int, seed: int | None,
                      now: datetime.datetime | None = None) -> str:
-    """`{name}_{e000001|000010}_{00}_{YYYYmmddHHMMSS}[_{seed}].png` as sd-scripts writes."""
+    """`[{name}_]{e000001|000010}_{00}_{YYYYmmddHHMMSS}[_{seed}].png` as sd-scripts writes (no name
+    prefix without --output_name)."""
     suffix = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d%H%M%S")
-    return f"{output_name}_{suffix}_{index:02d}_{stamp}" + (f"_{seed}" if seed is not None else "") + ".png"
+    prefix = "" if output_name is None else f"{output_name}_"
+    return f"{prefix}{suffix}_{index:02d}_{stamp}" + (f"_{seed}" if seed is not None else "") + ".png"
 
 
 class Sampler:
     """Renders the prompt list with the network applied, on each process's share of the prompts."""
 
-    def __init__(self, cfg: Any, model: Any, network: Any, accelerator: Any, out_dir: Path, name: str,
+    def __init__(self, cfg: Any, model: Any, network: Any, accelerator: Any, out_dir: Path, name: str | None,
                  weight_dtype: torch.dtype, prompts: list[Prompt]) -> None:
         self.cfg, self.model, self.network, self.accelerator = cfg, model, network, accelerator
         self.folder = out_dir / "sample"
@@ -150,7 +152,7 @@ class Sampler:
         self.prompts = prompts
 
     @classmethod
-    def maybe(cls, cfg: Any, model: Any, network: Any, accelerator: Any, out_dir: Path, name: str,
+    def maybe(cls, cfg: Any, model: Any, network: Any, accelerator: Any, out_dir: Path, name: str | None,
               weight_dtype: torch.dtype, seed: int) -> Sampler | None:
         if not cfg.sample_prompts:
             return None
