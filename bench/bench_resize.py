@@ -217,6 +217,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for both methods (0: torch's default); on a shared, loaded machine 1 "
                          "avoids thread contention dominating the small QR/SVD calls")
+    ap.add_argument("--norm-cache-dir", type=Path, default=None,
+                    help="reuse the norm cache of an earlier run (skips the slow cold run)")
     ap.add_argument("--child", choices=("baseline", "free", "ckpt"), help=argparse.SUPPRESS)
     ap.add_argument("--lora", help=argparse.SUPPRESS)
     ap.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -242,8 +244,11 @@ def main() -> None:
     base_rss = _run_child("baseline", lora, "", work, args.threads)["rss_mb"]
     print(f"interpreter with torch imported: peak RSS {base_rss:.0f} MB")
 
-    runs = [("sv_fro=0.9", "free", None), ("fro_ckpt=1,thr=-3.55 (cold norm cache)", "ckpt", work / "cache-cold"),
-            ("fro_ckpt=1,thr=-3.55 (warm norm cache)", "ckpt", work / "cache-cold")]
+    cache = args.norm_cache_dir or work / "norm-cache"
+    runs = [("sv_fro=0.9", "free", None), ("fro_ckpt=1,thr=-3.55 (cold norm cache)", "ckpt", cache),
+            ("fro_ckpt=1,thr=-3.55 (warm norm cache)", "ckpt", cache)]
+    if args.norm_cache_dir:  # filled by an earlier run: the cold run is skipped
+        del runs[1]
     results = []
     for label, kind, cache in runs:
         r = _run_child(kind, lora, label.split(" ")[0], work / "out", args.threads, cache)
