@@ -33,15 +33,18 @@ def run(tiny_sd1_dir, tmp_path_factory):
         "--max_data_loader_n_workers", "0", "--network_args", f"loraplus_lr_ratio={RATIO:g}",
         "--scale_weight_norms", "1", "--save_precision", "fp16", "--save_every_n_steps", "1",
         "--save_every_n_epochs", "1", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
-        "--log_with", "tensorboard", "--logging_dir", str(tmp / "logs"), "--log_prefix", "run-"])
+        "--log_with", "tensorboard", "--logging_dir", str(tmp / "logs"), "--log_prefix", "run-", "--log_config"])
     result = train(cfg)
-    events = list((tmp / "logs").glob("run-*/**/events.out.tfevents.*"))
-    assert len(events) == 1
+    runs = list((tmp / "logs").glob("run-*"))
+    assert len(runs) == 1  # logging_dir/log_prefix + timestamp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(events[0]))
-    acc.Reload()
-    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    scalars = {}
+    for events in runs[0].rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        scalars.update({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+    result.hparams = [p.read_text() for p in runs[0].rglob("hparams.yml")]
     return result, scalars
 
 
@@ -88,3 +91,12 @@ def test_fp16_save_that_flushes_modules_warns_with_the_count_check_weights_repor
     assert dead  # lora_up moved by ~1e-9: zero once cast to fp16
     messages = [w for w in result.warnings if "underflow" in w and result.final_file.name in w]
     assert messages and messages[-1].startswith(f"{len(dead)} modules of {result.final_file.name} are all-zero in fp16")
+
+
+def test_log_config_stores_settings_without_paths_or_secrets(run):
+    result, _ = run
+    assert len(result.hparams) == 1
+    text = result.hparams[0]
+    assert "\nnetwork_dim: 4\n" in text and "\nloraplus_lr_ratio:" not in text  # None values are dropped
+    assert "pretrained_model_name_or_path" not in text and "train_data_dir" not in text
+    assert str(result.output_dir) not in text

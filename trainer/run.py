@@ -348,7 +348,8 @@ def train(cfg: Any) -> TrainResult:
             skip_batches = (global_step % per_epoch) * cfg.gradient_accumulation_steps
 
     if accelerator.is_main_process and accelerator.trackers == [] and (cfg.log_with or cfg.logging_dir):
-        accelerator.init_trackers(cfg.log_tracker_name or "network_train")
+        config, init_kwargs = _tracker_init(cfg)
+        accelerator.init_trackers(cfg.log_tracker_name or "network_train", config=config, init_kwargs=init_kwargs)
 
     from tqdm.auto import tqdm
 
@@ -493,6 +494,31 @@ def train(cfg: Any) -> TrainResult:
     result.epochs = epoch + 1
     accelerator.end_training()
     return result
+
+
+#: Left out of `--log_config` as sd-scripts does: secrets, and paths that would reveal the user's disk.
+_UNLOGGED = ("wandb_api_key", "huggingface_token", "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir",
+             "train_data_dir", "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir")
+
+
+def _tracker_init(cfg) -> tuple[dict | None, dict]:
+    """sd-scripts' `init_trackers` arguments: the run's settings with `--log_config` (trackers store
+    scalars and strings only, so None is dropped and anything else becomes its string), the wandb
+    run name, or the kwargs of a `--log_tracker_config` TOML (which replace the run name)."""
+    init_kwargs: dict = {"wandb": {"name": cfg.wandb_run_name}} if cfg.wandb_run_name else {}
+    if cfg.log_tracker_config:
+        import tomllib
+
+        try:
+            init_kwargs = tomllib.loads(Path(cfg.log_tracker_config).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"--log_tracker_config {cfg.log_tracker_config}: {exc}; pass a TOML file of "
+                             "tracker init arguments, e.g. [wandb] name = \"run\"") from None
+    if not cfg.log_config:
+        return None, init_kwargs
+    config = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+              for k, v in cfg.settings().items() if k not in _UNLOGGED and v is not None}
+    return config, init_kwargs
 
 
 def _allow_fp16_unscale(scaler) -> None:
