@@ -7,6 +7,7 @@ import datetime
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,14 +165,17 @@ class Sampler:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         m = self.model
-        if m.arch == "sdxl":
-            pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
-                                             tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizers[1], unet=m.unet,
-                                             scheduler=scheduler)
-        else:
-            pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
-                                           unet=m.unet, scheduler=scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+        with warnings.catch_warnings():
+            # diffusers asks for clip_sample=False in a hub config; sd-scripts samples with True on purpose
+            warnings.filterwarnings("ignore", message=r"(?s).*clip_sample", category=FutureWarning)
+            if m.arch == "sdxl":
+                pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoders[0],
+                                                 text_encoder_2=m.text_encoders[1], tokenizer=m.tokenizers[0],
+                                                 tokenizer_2=m.tokenizers[1], unet=m.unet, scheduler=scheduler)
+            else:
+                pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                                               unet=m.unet, scheduler=scheduler, safety_checker=None,
+                                               feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
