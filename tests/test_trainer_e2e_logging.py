@@ -54,6 +54,11 @@ def test_file_names_without_output_name_as_sd_scripts(run):
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "at-step00000001.safetensors", "at-step00000002.safetensors", "epoch-000001.safetensors", "last.safetensors"]
     assert result.final_file.name == "last.safetensors"
+    from loratools.io.reader import open_safetensors
+
+    meta = open_safetensors(result.final_file).metadata
+    assert meta["ss_output_name"] == "None"  # sd-scripts writes str(args.output_name)
+    assert meta["modelspec.title"].startswith("LoRA@")
     samples = [p.name for p in (out / "sample").glob("*.png")]
     assert len(samples) == 1 and re.fullmatch(r"000002_00_\d{14}_7\.png", samples[0])
 

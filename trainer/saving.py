@@ -93,7 +93,7 @@ def base_metadata(cfg: Any, *, arch: str, v_pred: bool, network_module: str, net
     md: dict[str, Any] = {
         "ss_session_id": random.randint(0, 2**32),
         "ss_training_started_at": session_start,
-        "ss_output_name": cfg.resolved_output_name,
+        "ss_output_name": cfg.output_name,  # str(None) = "None" without --output_name, as sd-scripts
         "ss_learning_rate": cfg.learning_rate,
         "ss_text_encoder_lr": text_encoder_lr,
         "ss_unet_lr": cfg.unet_lr,
@@ -203,7 +203,7 @@ def modelspec(cfg: Any, *, arch: str, v_pred: bool, trainer_version: str, timest
     else:
         w = h = {"sdxl": 1024, "sd2": 768 if v_pred else 512}.get(arch, 512)
     date = datetime.datetime.fromtimestamp(timestamp).isoformat(timespec="seconds")
-    title = cfg.metadata_title or cfg.resolved_output_name or f"LoRA@{date}"
+    title = cfg.metadata_title or cfg.output_name or f"LoRA@{date}"
     spec: dict[str, Any] = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,
