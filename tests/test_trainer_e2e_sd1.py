@@ -184,3 +184,18 @@ def test_epoch_saves_keep_last_n_and_the_russian_guides_optimizer(tiny_sd1_dir, 
                                     "d_coef=2,use_bias_correction=True,safeguard_warmup=True)")
     # epochs win over steps for sampling: only the end of epoch 2 samples
     assert [p.name.split("_")[1] for p in result.sample_files] == ["e000002"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_the_cpu(tiny_sd1_dir, tiny_dataset, tmp_path, precision):
+    """bf16 autocasts on the CPU; fp16 (the guides' default, GPU-only) falls back to float32 with
+    a warning instead of failing; either way the run finishes and saves in --save_precision."""
+    result = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "out", "--max_train_steps", "1",
+                                        "--mixed_precision", precision, "--save_precision", precision,
+                                        "--network_train_unet_only")))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    reader = open_safetensors(result.final_file)
+    assert {reader.info(k).dtype for k in reader} == {"BF16" if precision == "bf16" else "F16"}
+    assert reader.metadata["ss_mixed_precision"] == precision
+    fallback = [w for w in result.warnings if "fp16 needs a GPU" in w]
+    assert len(fallback) == (precision == "fp16")

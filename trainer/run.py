@@ -75,6 +75,12 @@ def _make_accelerator(cfg):
     import os
 
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # accelerate keeps its state per process and refuses a second run with another mixed precision;
+    # forget the previous run's (the process group in PartialState stays).
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu_ddp,
                        mixed_precision=cfg.mixed_precision or "no",
                        log_with=None if not log_with else ("all" if log_with == "all" else [log_with]),
