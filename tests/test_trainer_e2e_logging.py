@@ -33,6 +33,7 @@ def run(tiny_sd1_dir, tmp_path_factory):
         "--max_data_loader_n_workers", "0", "--network_args", f"loraplus_lr_ratio={RATIO:g}",
         "--scale_weight_norms", "1", "--save_precision", "fp16", "--save_every_n_steps", "1",
         "--save_every_n_epochs", "1", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
+        "--validation_split", "0.5", "--validate_every_n_steps", "1",
         "--log_with", "tensorboard", "--logging_dir", str(tmp / "logs"), "--log_prefix", "run-", "--log_config"])
     result = train(cfg)
     runs = list((tmp / "logs").glob("run-*"))
@@ -77,6 +78,20 @@ def test_step_scalars_as_sd_scripts_names_them(run):
     for tag in ("max_norm/keys_scaled", "max_norm/max_key_norm", "norm/avg_key_norm"):
         assert [s for s, _ in scalars[tag]] == [1, 2]
     assert all(v == 0 for _, v in scalars["max_norm/keys_scaled"])  # norms stay far below 1 at this lr
+
+
+def test_validation_loss_logged_per_step_and_epoch(run):
+    result, scalars = run
+    assert [s for s, _ in scalars["loss/validation/step_average"]] == [1, 2]
+    assert [s for s, _ in scalars["loss/validation/epoch_average"]] == [1, 2]  # x-axis: the epoch number
+    assert [v for _, v in scalars["loss/validation/step_average"]] == pytest.approx(
+        [v for s, v in result.validation_losses][::2], rel=1e-6)
+    # divergence = validation loss - the training moving average at that point
+    for kind in ("step", "epoch"):
+        avg = dict(scalars[f"loss/validation/{kind}_average"])
+        div = dict(scalars[f"loss/validation/{kind}_divergence"])
+        train_avg = dict(scalars["loss/average"]) if kind == "step" else dict(scalars["loss/epoch_average"])
+        assert all(div[s] == pytest.approx(avg[s] - train_avg[s], rel=1e-5, abs=1e-7) for s in avg)
 
 
 def test_epoch_average_logged_per_epoch(run):

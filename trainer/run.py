@@ -442,8 +442,6 @@ def train(cfg: Any) -> TrainResult:
                 if cfg.sample_every_n_steps and not cfg.sample_every_n_epochs and \
                         global_step % cfg.sample_every_n_steps == 0:
                     sample(None, global_step)
-                if cfg.validate_every_n_steps and global_step % cfg.validate_every_n_steps == 0:
-                    validate(global_step, "step")
                 if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0:
                     save(saving.step_file(name, global_step, ext), epoch + 1, global_step)
                     old = saving.step_to_remove(global_step, cfg.save_every_n_steps, cfg.save_last_n_steps)
@@ -465,6 +463,10 @@ def train(cfg: Any) -> TrainResult:
                 postfix.update({"Keys Scaled": keys_scaled, "Average key norm": f"{mean_norm:.4g}"})
             progress.set_postfix(postfix, refresh=False)
             log_step(loss_value, keys_scaled, mean_norm, max_norm)
+            # after the step's loss is recorded, as sd-scripts: the divergence compares with the new average
+            if accelerator.sync_gradients and cfg.validate_every_n_steps and \
+                    global_step % cfg.validate_every_n_steps == 0:
+                validate(global_step, "step")
             if global_step >= max_train_steps:
                 done = True
                 break
