@@ -4,6 +4,7 @@ log lines that landed on stdout."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -32,3 +33,8 @@ def test_sd1_lycoris_preset_full_trains_with_a_clean_stdout(tiny_sd1_dir, tiny_d
         assert name in modules
     assert any(m.startswith("lora_te_text_model_encoder_layers_") for m in modules)
     assert reader.metadata["ss_network_module"] == "lycoris.kohya"
+    # every module, conv_in/conv_out/time_embedding included, maps onto the base (the project's own check)
+    check = subprocess.run([sys.executable, "-m", "loratools", "check", "keys", str(out / "lyco.safetensors"),
+                            "--base", str(tiny_sd1_dir), "--json"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
+    json.loads(check.stdout)
