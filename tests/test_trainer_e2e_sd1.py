@@ -189,11 +189,13 @@ def test_epoch_saves_keep_last_n_and_the_russian_guides_optimizer(tiny_sd1_dir, 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_the_cpu(tiny_sd1_dir, tiny_dataset, tmp_path, precision):
     """bf16 autocasts on the CPU; fp16 (the guides' default, GPU-only) falls back to float32 with
-    a warning instead of failing; either way the run finishes and saves in --save_precision."""
+    a warning instead of failing; either way the run finishes and saves in --save_precision.
+    --xformers without the package (or CUDA) degrades to sdpa with a warning."""
     result = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "out", "--max_train_steps", "1",
                                         "--mixed_precision", precision, "--save_precision", precision,
-                                        "--network_train_unet_only")))
+                                        "--network_train_unet_only", "--xformers")))
     assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(w.startswith("--xformers unavailable") for w in result.warnings)  # no xformers/CUDA here
     reader = open_safetensors(result.final_file)
     assert {reader.info(k).dtype for k in reader} == {"BF16" if precision == "bf16" else "F16"}
     assert reader.metadata["ss_mixed_precision"] == precision
