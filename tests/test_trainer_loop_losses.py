@@ -257,3 +257,32 @@ def test_lion_and_legacy_flags_name_their_package():
         _optimizer(optimizer_type="", use_lion_optimizer=True)
     with pytest.raises(UsageError, match="bitsandbytes"):
         _optimizer(optimizer_type="Lion8bit")
+
+
+def _noise_cfg(**kw):
+    base = dict(noise_offset=None, noise_offset_random_strength=False, adaptive_noise_scale=None,
+                multires_noise_iterations=None, multires_noise_discount=0.3, min_timestep=None, max_timestep=None,
+                ip_noise_gamma=None, ip_noise_gamma_random_strength=False)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def test_ip_noise_gamma_perturbs_the_input_but_not_the_target():
+    """sd-scripts' input perturbation: x_t = sqrt(ab)·x0 + sqrt(1-ab)·(noise + γ·n'), target stays noise;
+    random draws in the order noise, t, n'."""
+    latents = torch.randn(2, 4, 8, 8)
+    torch.manual_seed(7)
+    noise, noisy, t = losses.noise_and_timesteps(_noise_cfg(ip_noise_gamma=0.1, min_timestep=100, max_timestep=900),
+                                                 SCHED, latents)
+    torch.manual_seed(7)
+    want_noise = torch.randn(2, 4, 8, 8)
+    want_t = torch.randint(100, 900, (2,))
+    extra = torch.randn(2, 4, 8, 8)
+    ab = AC[want_t].float().view(2, 1, 1, 1)
+    torch.testing.assert_close(noise, want_noise)
+    assert torch.equal(t, want_t)
+    torch.testing.assert_close(noisy, ab.sqrt() * latents + (1 - ab).sqrt() * (want_noise + 0.1 * extra))
+    # without the flag the same seed gives the unperturbed x_t
+    torch.manual_seed(7)
+    _, plain, _ = losses.noise_and_timesteps(_noise_cfg(min_timestep=100, max_timestep=900), SCHED, latents)
+    torch.testing.assert_close(plain, ab.sqrt() * latents + (1 - ab).sqrt() * want_noise)
