@@ -48,3 +48,20 @@ def test_vae_flag_replaces_the_vae(tiny_sd1, tiny_sd1_dir, other_vae, form):
     assert any(not torch.equal(v, base[k]) for k, v in pipe.vae.state_dict().items())  # a different VAE
     _same(model.vae, pipe.vae)
     _same(model.unet, tiny_sd1.unet)  # the rest stays the base model's
+
+
+def test_sd2_single_file_with_sd_scripts_v_flags(tmp_path):
+    """SD2 is told apart from SD1 by its OpenCLIP-shaped text encoder; v-prediction comes from
+    `--v_parameterization` as in sd-scripts (a single file does not say)."""
+    from loratools.tiny import build_pipeline, save_diffusers, save_single_file
+
+    pipe = build_pipeline("sd2")
+    ckpt = save_single_file(pipe, tmp_path / "sd2.safetensors")
+    folder = save_diffusers(pipe, tmp_path / "sd2")
+    base = ["--pretrained_model_name_or_path", str(ckpt), "--tokenizer_cache_dir", str(folder)]
+    plain = load_base_model(resolve_config(base))
+    assert (plain.arch, plain.v_parameterization) == ("sd2", False)
+    v = load_base_model(resolve_config(base + ["--v2", "--v_parameterization"]))
+    assert (v.arch, v.v_parameterization) == ("sd2", True)
+    _same(v.unet, pipe.unet)
+    _same(v.text_encoders[0], pipe.text_encoder)
