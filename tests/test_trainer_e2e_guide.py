@@ -38,6 +38,7 @@ def test_guide_command_runs_and_reports_flags_without_effect(tiny_sdxl_dir, tmp_
            f"--sample_prompts={prompts}", "--sample_sampler=euler_a", "--sample_every_n_steps=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == ""  # progress, summaries, warnings and lycoris' log lines all go to stderr
     err = proc.stderr
     assert "block_dims" in err and "block_alphas" in err and "dataset_repeats" in err
     reader = open_safetensors(out / "yifftoolkit.safetensors")
