@@ -201,3 +201,14 @@ def test_mixed_precision_on_the_cpu(tiny_sd1_dir, tiny_dataset, tmp_path, precis
     assert reader.metadata["ss_mixed_precision"] == precision
     fallback = [w for w in result.warnings if "fp16 needs a GPU" in w]
     assert len(fallback) == (precision == "fp16")
+
+
+@pytest.mark.parametrize("module", ["networks.lora", "lycoris.kohya"])
+def test_text_encoder_only_trains_through_the_frozen_unet(tiny_sd1_dir, tiny_dataset, tmp_path, module):
+    result = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "out", "--max_train_steps", "1",
+                                        "--network_module", module, "--network_train_text_encoder_only")))
+    reader = open_safetensors(result.final_file)
+    modules = {k.split(".")[0] for k in reader}
+    assert modules and all(m.startswith("lora_te_text_model_") for m in modules)
+    # the gradient reached the text encoder through the UNet: some up factor moved from its zero init
+    assert any(reader[k].abs().sum() > 0 for k in reader if k.endswith("lora_up.weight"))
