@@ -118,3 +118,16 @@ def test_dry_run_does_not_import_torch(datasets):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "NO_TORCH" in result.stderr
+
+
+def test_dry_run_lists_sd_scripts_default_names_without_output_name(datasets, tmp_path: Path):
+    """Without --output_name sd-scripts names each kind of file differently (epoch-, at-, last)."""
+    result = run("train", "--train_data_dir", str(datasets["sd1"].root), "--output_dir", str(tmp_path),
+                 "--pretrained_model_name_or_path", str(tmp_path / "model"), "--max_train_epochs", "3",
+                 "--save_every_n_epochs", "1", "--save_every_n_steps", "25", "--resolution", "64",
+                 "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    names = [Path(p).name for p in doc["outputs"]]
+    assert names[:2] == ["epoch-000001.safetensors", "epoch-000002.safetensors"]
+    assert names[2].startswith("at-step00000025") and names[-1] == "last.safetensors"

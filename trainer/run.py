@@ -107,7 +107,7 @@ def train(cfg: Any) -> TrainResult:
     from trainer.models import load_base_model, make_noise_scheduler
     from trainer.network import create_network
     from trainer.optim import create_optimizer, create_scheduler
-    from trainer import saving
+    from trainer import filenames, saving
     from trainer.text_encoding import TextEncoderHelper
 
     if not cfg.output_dir:
@@ -443,15 +443,15 @@ def train(cfg: Any) -> TrainResult:
                         global_step % cfg.sample_every_n_steps == 0:
                     sample(None, global_step)
                 if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0:
-                    save(saving.step_file(name, global_step, ext), epoch + 1, global_step)
+                    save(filenames.step_file(name, global_step, ext), epoch + 1, global_step)
                     old = saving.step_to_remove(global_step, cfg.save_every_n_steps, cfg.save_last_n_steps)
                     if old is not None:
-                        remove(saving.step_file(name, old, ext))
+                        remove(filenames.step_file(name, old, ext))
                     if cfg.save_state:
-                        save_state(saving.step_state_dir(name, global_step), epoch + 1, global_step)
+                        save_state(filenames.step_state_dir(name, global_step), epoch + 1, global_step)
                         old = saving.step_to_remove(global_step, cfg.save_every_n_steps, cfg.save_last_n_steps_state)
                         if old is not None:
-                            remove_state(saving.step_state_dir(name, old))
+                            remove_state(filenames.step_state_dir(name, old))
                 if schedule_free:
                     optimizer.train()
             recorder.add(epoch, step_in_epoch, loss_value)
@@ -478,26 +478,26 @@ def train(cfg: Any) -> TrainResult:
         if schedule_free:
             optimizer.eval()
         if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < num_epochs:
-            save(saving.epoch_file(name, epoch + 1, ext), epoch + 1, global_step)
+            save(filenames.epoch_file(name, epoch + 1, ext), epoch + 1, global_step)
             old = saving.epoch_to_remove(epoch + 1, cfg.save_every_n_epochs, cfg.save_last_n_epochs)
             if old is not None:
-                remove(saving.epoch_file(name, old, ext))
+                remove(filenames.epoch_file(name, old, ext))
             if cfg.save_state:
-                save_state(saving.epoch_state_dir(name, epoch + 1), epoch + 1, global_step)
+                save_state(filenames.epoch_state_dir(name, epoch + 1), epoch + 1, global_step)
                 old = saving.epoch_to_remove(epoch + 1, cfg.save_every_n_epochs, cfg.save_last_n_epochs_state)
                 if old is not None:
-                    remove_state(saving.epoch_state_dir(name, old))
+                    remove_state(filenames.epoch_state_dir(name, old))
         if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
             sample(epoch + 1, global_step)
     progress.close()
 
     if schedule_free:
         optimizer.eval()
-    final = saving.final_file(name, ext)
+    final = filenames.final_file(name, ext)
     save(final, epoch + 1, global_step)
     result.final_file = out_dir / final if accelerator.is_main_process else None
     if cfg.save_state or cfg.save_state_on_train_end:
-        save_state(saving.final_state_dir(name), epoch + 1, global_step)
+        save_state(filenames.final_state_dir(name), epoch + 1, global_step)
     result.global_step = global_step
     result.epochs = epoch + 1
     accelerator.end_training()

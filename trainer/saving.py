@@ -24,34 +24,6 @@ BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1_v", ("sd2",
                       ("sd2", True): "sd_v2_v", ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
 
 
-#: sd-scripts' stems when --output_name is not given: each kind of file has its own.
-DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME, DEFAULT_LAST_NAME = "epoch", "at", "last"
-
-
-def epoch_file(name: str | None, epoch: int, ext: str = "safetensors") -> str:
-    return f"{DEFAULT_EPOCH_NAME if name is None else name}-{epoch:06d}.{ext}"
-
-
-def step_file(name: str | None, step: int, ext: str = "safetensors") -> str:
-    return f"{DEFAULT_STEP_NAME if name is None else name}-step{step:08d}.{ext}"
-
-
-def final_file(name: str | None, ext: str = "safetensors") -> str:
-    return f"{DEFAULT_LAST_NAME if name is None else name}.{ext}"
-
-
-def epoch_state_dir(name: str | None, epoch: int) -> str:
-    return f"{DEFAULT_EPOCH_NAME if name is None else name}-{epoch:06d}-state"
-
-
-def step_state_dir(name: str | None, step: int) -> str:
-    return f"{DEFAULT_STEP_NAME if name is None else name}-step{step:08d}-state"
-
-
-def final_state_dir(name: str | None) -> str:
-    return f"{DEFAULT_LAST_NAME if name is None else name}-state"
-
-
 def epoch_to_remove(epoch: int, every: int | None, keep: int | None) -> int | None:
     """`--save_last_n_epochs`: after saving epoch e, the file of epoch e − every·N goes (keeps N)."""
     if not keep or not every:

@@ -138,13 +138,14 @@ def _show(value: Any) -> str:
 
 def _planned_outputs(cfg: Any, plan: Any) -> list[str]:
     """The model files sd-scripts' save schedule produces (epoch/step saves and the final file)."""
-    name = cfg.resolved_output_name
-    ext = cfg.save_model_as
+    from trainer.filenames import epoch_file, final_file, step_file
+
+    name, ext = cfg.output_name, cfg.save_model_as
     folder = Path(cfg.output_dir) if cfg.output_dir else Path(".")
     files = []
     if cfg.save_every_n_epochs:
-        files += [f"{name}-{e:06d}.{ext}" for e in range(1, plan.num_epochs) if e % cfg.save_every_n_epochs == 0]
+        files += [epoch_file(name, e, ext) for e in range(1, plan.num_epochs) if e % cfg.save_every_n_epochs == 0]
     if cfg.save_every_n_steps:
-        files += [f"{name}-step{s:08d}.{ext}" for s in range(1, plan.max_train_steps + 1) if s % cfg.save_every_n_steps == 0]
-    files.append(f"{name}.{ext}")
+        files += [step_file(name, s, ext) for s in range(1, plan.max_train_steps + 1) if s % cfg.save_every_n_steps == 0]
+    files.append(final_file(name, ext))
     return [str(folder / f) for f in files]
