@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loratools.io.dtypes import item_size, sort_key
-from loratools.io.header import encode_header
+from loratools.io.header import data_layout, encode_header
 
 FIXTURES = Path(os.environ.get("LORATOOLS_FIXTURES", "/work/shared/fixtures"))
 CASES = (("ckpt_sdxl_single_file.json", "sdxl_checkpoint.safetensors"),
@@ -33,15 +32,8 @@ CASES = (("ckpt_sdxl_single_file.json", "sdxl_checkpoint.safetensors"),
 def make_sparse(fixture: Path, out: Path) -> int:
     """Write the fixture's exact header and a sparse data section; returns the file size."""
     fx = json.loads(fixture.read_text())
-    rows = sorted(((k, v["dtype"], tuple(v["shape"])) for k, v in fx["tensors"].items()),
-                  key=lambda r: sort_key(r[0], r[1]))
-    layout, pos = [], 0
-    for name, dtype, shape in rows:
-        n = item_size(dtype)
-        for d in shape:
-            n *= d
-        layout.append((name, dtype, shape, pos, pos + n))
-        pos += n
+    layout = data_layout((k, v["dtype"], tuple(v["shape"])) for k, v in fx["tensors"].items())
+    pos = layout[-1][4] if layout else 0
     header = encode_header(layout, fx.get("metadata") or None)
     with open(out, "wb") as fh:
         fh.write(header)

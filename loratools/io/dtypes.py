@@ -34,6 +34,39 @@ _TORCH_NAMES = {
 }
 
 
+#: The precision names users type (``--dtype``, ``--save_precision``, resize recipes) -> torch dtype names.
+PRECISION_NAMES: dict[str, str] = {
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
+}
+
+
+def parse_dtype_name(name: str | None, *, option: str = "--dtype") -> torch.dtype | None:
+    """The torch dtype a user-typed precision name means (case and spaces ignored); None stays None.
+
+    One table for every command that takes a precision, so ``merge --dtype bf16`` and
+    ``resize --dtype bf16`` accept the same spellings.
+
+    Raises:
+        UsageError: an unknown name; the message names ``option`` and the accepted names.
+    Example:
+        >>> parse_dtype_name("BF16")
+        torch.bfloat16
+    """
+    if name is None:
+        return None
+    key = name.strip().lower()
+    if key not in PRECISION_NAMES:
+        from loratools.errors import UsageError
+
+        raise UsageError(f"{option} {name!r} is not a known precision; use fp16, bf16 or fp32 "
+                         f"(also: {', '.join(n for n in PRECISION_NAMES if n not in ('fp16', 'bf16', 'fp32'))})")
+    import torch
+
+    return getattr(torch, PRECISION_NAMES[key])
+
+
 def item_size(dtype: str) -> int:
     """Bytes per element of safetensors dtype ``dtype`` (KeyError for unknown names)."""
     return ITEM_SIZES[dtype]

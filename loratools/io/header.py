@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratools.errors import InvalidFileError
-from loratools.io.dtypes import ITEM_SIZES
+from loratools.io.dtypes import ITEM_SIZES, sort_key
 
 #: The reference implementation refuses headers above 100 MB; so do we (a corrupt length field
 #: must not make us allocate gigabytes).
@@ -218,6 +218,36 @@ def _check_layout(path: str | Path, tensors: Mapping[str, TensorInfo], data_size
     if pos != data_size:
         raise _fail(path, f"data section is {data_size} bytes but tensors cover {pos}; "
                           "file truncated or has trailing bytes")
+
+
+def data_layout(tensors: Iterable[tuple[str, str, tuple[int, ...]]]
+                ) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    """Where each tensor goes in the data section: ``(name, dtype, shape, begin, end)`` in file order.
+
+    ``tensors`` holds ``(name, safetensors dtype such as "F16", shape)`` in any order. The order is
+    safetensors' own (``dtypes.sort_key``: larger dtypes first, then by name), packed without gaps,
+    which keeps every tensor aligned to its item size; the result is what ``encode_header`` takes.
+    The writer and tools that build headers without data (benchmarks) share this one computation.
+
+    Raises:
+        ValueError: a name listed twice.
+    """
+    seen: set[str] = set()
+    rows = []
+    for name, dtype, shape in tensors:
+        if name in seen:
+            raise ValueError(f"tensor {name!r} is listed twice")
+        seen.add(name)
+        rows.append((name, dtype, tuple(int(d) for d in shape)))
+    rows.sort(key=lambda r: sort_key(r[0], r[1]))
+    out, pos = [], 0
+    for name, dtype, shape in rows:
+        n = ITEM_SIZES[dtype]
+        for d in shape:
+            n *= d
+        out.append((name, dtype, shape, pos, pos + n))
+        pos += n
+    return out
 
 
 def encode_header(tensors: list[tuple[str, str, tuple[int, ...], int, int]],

@@ -65,6 +65,26 @@ class SafetensorsReader(Mapping[str, "torch.Tensor"]):
             return torch.frombuffer(bytearray(mm[start:start + info.nbytes]), dtype=dtype).reshape(info.shape)
         return torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=start).reshape(info.shape)
 
+    def release(self, key: str) -> None:
+        """Drop ``key``'s pages from this process's view of the file, after its tensor is no longer used.
+
+        The file is mapped whole; every page a read touched stays in the process's resident set
+        until unmapped, so streaming a 7 GB checkpoint through the reader would end with all of it
+        counted as resident (clean file pages, reclaimable, but that is what users see in a task
+        manager). ``MADV_DONTNEED`` on this private mapping discards the pages (they stay in the page
+        cache; a later read of ``key`` maps them again, with the file's bytes). In-place writes to
+        tensors on those pages (copy-on-write, never the file) are discarded with them.
+        A no-op where ``madvise`` is unavailable (Windows, Python without it), before anything was
+        read, and for empty tensors.
+        """
+        info = self.header.tensors[key]
+        mm = self._mm
+        if mm is None or info.nbytes == 0 or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = self.header.data_offset + info.begin
+        aligned = start - start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, aligned, self.header.data_offset + info.end - aligned)
+
     def _map(self) -> mmap.mmap:
         if self._mm is None:
             try:

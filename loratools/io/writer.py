@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loratools.errors import OutputExistsError, UsageError
-from loratools.io.dtypes import from_torch, item_size, sort_key
+from loratools.io.dtypes import from_torch
 from loratools.io.hashes import SshsHasher, autov2, file_sha256, ss_only
-from loratools.io.header import encode_header
+from loratools.io.header import data_layout, encode_header
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +39,9 @@ class TensorSpec:
 
 @dataclass
 class WrittenFile:
-    """What was written. ``sha256`` is computed while streaming when the header was final up front,
-    else (sshs hashes patched in afterwards) by reading the file back on first access."""
+    """What was written. ``sha256`` was computed while streaming when the writer was asked to
+    (``sha256=True``) and the header was final up front; otherwise it is computed by reading the
+    file back on first access, so it is always correct and only its cost differs."""
 
     path: Path
     size: int
@@ -96,25 +97,6 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
             raise UsageError(f"metadata {k!r}={v!r}: safetensors metadata keys and values must be strings")
 
 
-def _layout(specs: Iterable[TensorSpec]) -> list[tuple[str, str, tuple[int, ...], int, int]]:
-    named: dict[str, str] = {}
-    rows = []
-    for s in specs:
-        if s.name in named:
-            raise ValueError(f"tensor {s.name!r} is listed twice")
-        named[s.name] = from_torch(s.dtype)
-        rows.append((s.name, named[s.name], tuple(int(d) for d in s.shape)))
-    rows.sort(key=lambda r: sort_key(r[0], r[1]))
-    out, pos = [], 0
-    for name, dt, shape in rows:
-        n = item_size(dt)
-        for d in shape:
-            n *= d
-        out.append((name, dt, shape, pos, pos + n))
-        pos += n
-    return out
-
-
 def _as_bytes(t: torch.Tensor) -> memoryview:
     import torch
 
@@ -124,7 +106,8 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Callable[[str], torch.Tensor],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
-                      protected: Iterable[str | Path] = (), sshs_hashes: bool = False) -> WrittenFile:
+                      protected: Iterable[str | Path] = (), sshs_hashes: bool = False,
+                      sha256: bool = False) -> WrittenFile:
     """Stream tensors into a new safetensors file, atomically.
 
     Args:
@@ -137,6 +120,10 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
         protected: input paths; the output may never be one of them, even with ``overwrite``.
         sshs_hashes: (re)compute ``sshs_model_hash``/``sshs_legacy_hash`` as sd-scripts does; stale
             values in ``metadata`` are replaced.
+        sha256: hash the whole file while streaming, for a caller that will read ``.sha256`` /
+            ``.autov2`` (about a fifth of a merge's CPU time, so not done by default; without it the
+            property reads the file back). Ignored with ``sshs_hashes``: the header is patched after
+            the data, so the hash has to be taken from the finished file anyway.
     Returns:
         ``WrittenFile`` with size, final metadata and hashes.
     Raises:
@@ -147,7 +134,7 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
     """
     protected = list(protected)
     out = check_output_path(path, overwrite=overwrite, protected=protected)
-    layout = _layout(specs)
+    layout = data_layout((s.name, from_torch(s.dtype), s.shape) for s in specs)
     meta = None if metadata is None else dict(metadata)
     hasher = None
     if meta is not None:
@@ -157,7 +144,7 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
         hasher = SshsHasher(encode_header(layout, ss_only(meta)))
         meta.update(_PLACEHOLDER)
     header = encode_header(layout, meta)
-    full = hashlib.sha256(header) if not sshs_hashes else None
+    full = hashlib.sha256(header) if sha256 and not sshs_hashes else None
 
     try:
         fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
