@@ -12,6 +12,7 @@ Usage:
     python bench/bench_merge.py                     # SDXL, generate, measure, delete everything
     python bench/bench_merge.py --model sd15        # quick run: SD1.5 shapes (~2.1 GB)
     python bench/bench_merge.py --workdir /tmp/b --keep   # keep the generated files for another run
+    python bench/bench_merge.py --sha256            # with the output's sha256 taken while writing (merge --json)
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def _child(base: Path, lora: Path, out: Path) -> None:
+def _child(base: Path, lora: Path, out: Path, sha256: bool) -> None:
     """Run in a fresh interpreter: torch imported first, then the merge; print JSON numbers."""
     import torch  # noqa: F401  (the baseline is "an interpreter with torch imported")
 
@@ -106,14 +107,15 @@ def _child(base: Path, lora: Path, out: Path) -> None:
     anon0 = _status_kib("RssAnon")
     cpu0 = time.process_time()
     start = time.perf_counter()
-    result = merge_checkpoint(MergeOptions(base, [WeightedPath(lora, 0.8)], out))
+    result = merge_checkpoint(MergeOptions(base, [WeightedPath(lora, 0.8)], out, sha256=sha256))
+    autov2 = result.files[0].autov2 if sha256 else None  # what `merge --json` reports; timed with the merge
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
     done.set()
     print(json.dumps({"merge_s": elapsed, "merge_cpu_s": cpu, "baseline_rss_mib": baseline / 1024,
                       "peak_rss_above_mib": (_status_kib("VmHWM") - baseline) / 1024,
                       "peak_anon_above_mib": (peak_anon[0] - anon0) / 1024,
-                      "patched": result.patched_keys, "copied": result.copied_keys,
+                      "patched": result.patched_keys, "output_autov2": autov2, "copied": result.copied_keys,
                       "applied": result.adapters[0].applied, "modules": result.adapters[0].modules}))
 
 
@@ -122,10 +124,11 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="sdxl")
     ap.add_argument("--workdir", type=Path, help="where the synthetic files go (default: a new temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and LoRA")
+    ap.add_argument("--sha256", action="store_true", help="also hash the output while writing (as merge --json)")
     ap.add_argument("--child", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _child(*args.child)
+        _child(*args.child, args.sha256)
         return
 
     ckpt_fixture, lora_fixture = MODELS[args.model]
@@ -146,7 +149,8 @@ def main() -> None:
             _write_synthetic(FIXTURES / lora_fixture, lora, 0.01, 1)
         copy_before = _plain_copy(base, work / "copy.bin")
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", str(base), str(lora), str(out)],
+        proc = subprocess.run([sys.executable, __file__, "--child", str(base), str(lora), str(out),
+                               *(["--sha256"] if args.sha256 else [])],
                               capture_output=True, text=True)
         process_s = time.perf_counter() - t
         if proc.returncode:

@@ -96,7 +96,8 @@ def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verif
     from loratools.ops.merge import MergeOptions, merge_checkpoint
 
     opts = MergeOptions(base=base, adapters=adapters, output=output, dtype=dtype, allow_unmatched=allow_unmatched,
-                        overwrite=overwrite, verify=verify, title=title, te_scale=te_scale)
+                        overwrite=overwrite, verify=verify, title=title, te_scale=te_scale,
+                        sha256=json_out)  # --json reports each file's sha256/AutoV2: hash while writing
     with Progress("merging", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=out.err_console,
                   transient=True, disable=json_out) as bar:
         task = bar.add_task("merge", total=None)
@@ -147,12 +148,15 @@ def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe,
         out.print_json({"output": str(result.output), "arch": result.arch, "modules": result.modules,
                         "kinds": result.kinds, "max_rank": max(ranks) if ranks else None,
                         "inputs": [r.as_json() for r in result.inputs], "omitted": result.omitted,
-                        "dropped": result.dropped, "size": result.file.size if result.file else None,
+                        "dropped": result.dropped, "warnings": result.warnings,
+                        "size": result.file.size if result.file else None,
                         "sshs_model_hash": result.file.sshs_model_hash if result.file else None,
                         "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
                                           "rank_after": o.rank_after, "size_after": o.size_after,
                                           "fro_retained": o.fro_retained} for o in resized]})
         return
+    for note in result.warnings:
+        out.warn(note)
     for name in result.dropped:
         out.warn(f"left out (not an adapter tensor): {name}")
     if result.omitted:

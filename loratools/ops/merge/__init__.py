@@ -6,7 +6,7 @@ engine, single files and diffusers folders), ``verify`` (re-read and check), ``c
 concatenation maths), ``to_lora`` (LoRA + LoRA files), ``provenance`` (output metadata).
 """
 
-from loratools.ops.merge.checkpoint import AdapterReport, MergeOptions, MergeResult, merge_checkpoint, parse_dtype
+from loratools.ops.merge.checkpoint import AdapterReport, MergeOptions, MergeResult, merge_checkpoint
 from loratools.ops.merge.concat import ConcatResult, LoraFactors, concat_factors
 from loratools.ops.merge.ratios import WeightedPath, resolve_inputs, split_weighted
 from loratools.ops.merge.to_lora import LoraMergeOptions, LoraMergeResult, combine_layer, merge_loras
@@ -15,5 +15,5 @@ from loratools.ops.merge.verify import VerifyRow
 __all__ = [
     "AdapterReport", "ConcatResult", "LoraFactors", "LoraMergeOptions", "LoraMergeResult", "MergeOptions",
     "MergeResult", "VerifyRow", "WeightedPath", "combine_layer", "concat_factors", "merge_checkpoint",
-    "merge_loras", "parse_dtype", "resolve_inputs", "split_weighted",
+    "merge_loras", "resolve_inputs", "split_weighted",
 ]

@@ -14,7 +14,6 @@ removed).
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import uuid
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loratools.errors import InvalidFileError, OutputExistsError, UnmatchedModulesError, UsageError
+from loratools.io.dtypes import parse_dtype_name
 from loratools.io.reader import SafetensorsReader
 from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch, check_finite
 from loratools.ops.merge.provenance import InputRecord, checkpoint_metadata, hash_input, title_of
@@ -36,21 +36,7 @@ if TYPE_CHECKING:
     from loratools.io import ModelSource, WrittenFile
     from loratools.ops.merge.verify import VerifyRow
 
-_DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
-           "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``fp16``/``bf16``/``fp32`` (and their long names) to a torch dtype; None stays None."""
-    if name is None:
-        return None
-    import torch
-
-    key = name.strip().lower()
-    if key not in _DTYPES:
-        raise UsageError(f"--dtype {name!r} is not one of fp16, bf16, fp32")
-    return getattr(torch, _DTYPES[key])
 
 
 @dataclass(frozen=True)
@@ -68,6 +54,8 @@ class MergeOptions:
         verify_samples: modules checked per adapter.
         title: ``modelspec.title`` (default: output file stem).
         te_scale: factor on every ratio for text-encoder modules (0: UNet only).
+        sha256: hash each written file while streaming (``MergeResult.files[i].sha256``/``.autov2``
+            are correct either way; without it they read the file back when first asked for).
     """
 
     base: Path
@@ -80,6 +68,7 @@ class MergeOptions:
     verify_samples: int = 8
     title: str | None = None
     te_scale: float = 1.0
+    sha256: bool = False
 
 
 @dataclass
@@ -169,6 +158,7 @@ def _refuse_unmatched(plan: MergePlan) -> None:
 def _warnings(loaded, source: ModelSource) -> list[str]:
     notes = []
     for path, ratio, adapter in loaded:
+        notes.extend(f"{path.name}: {w}" for w in adapter.warnings)  # the parser's (e.g. alpha 0 -> scale 0)
         if ratio != 1.0 and any(getattr(m, "dora_scale", None) is not None for m in adapter.modules.values()):
             notes.append(f"{path.name}: DoRA modules merged as W + {ratio:g}*dW (ComfyUI's convention); "
                          "LyCORIS scales only the magnitude at ratios other than 1, so tools differ")
@@ -203,7 +193,7 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
 
     if not opts.adapters:
         raise UsageError("give at least one adapter to merge")
-    out_dtype = parse_dtype(opts.dtype)
+    out_dtype = parse_dtype_name(opts.dtype)
     source = open_model(opts.base)
     _check_output(opts, source)
     index = BaseIndex.from_model(source)
@@ -220,7 +210,7 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
                                    title_of(path, adapter.metadata)))
         reports.append(AdapterReport(path, ratio, ap.modules, len(ap.applied), ap.unmatched, sha, short))
     names = [p.name for p, _, _ in loaded]
-    writer = _Writer(source, plan, out_dtype, names, progress)
+    writer = _Writer(source, plan, out_dtype, names, progress, opts.sha256)
 
     def metadata_for(sd: Mapping) -> dict[str, str]:
         base_meta = getattr(sd, "metadata", None)
@@ -249,7 +239,7 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
 class _Writer:
     """Produces each output tensor on demand and counts what it patched and copied.
 
-    While the io writer writes (and hashes) one tensor, the next tensor that needs fusing is
+    While the io writer writes one tensor, the next tensor that needs fusing is
     already being computed on a worker thread: file writes, hashing and torch kernels all release
     the GIL, so on two cores I/O and maths overlap. At most one fused tensor is computed ahead, so
     memory stays at two tensors. The order comes from ``loratools.io.dtypes.sort_key`` (the order the
@@ -257,11 +247,12 @@ class _Writer:
     """
 
     def __init__(self, source: ModelSource, plan: MergePlan, out_dtype: torch.dtype | None,
-                 names: Sequence[str], progress: ProgressFn | None) -> None:
+                 names: Sequence[str], progress: ProgressFn | None, sha256: bool = False) -> None:
         self.plan = plan
         self.out_dtype = out_dtype
         self.names = names
         self.progress = progress
+        self.sha256 = sha256
         self.total = sum(len(sd) for sd in source.components.values())
         self.done = 0
         self._pending: tuple[Mapping, str] | None = None
@@ -310,13 +301,11 @@ class _Writer:
         return out
 
     def release(self) -> None:
-        """Drop the last tensor's pages from our mapping of the base file.
+        """Drop the last tensor's pages from the reader's mapping of the base file.
 
-        The reader maps the whole file; pages it touched stay in this process's RSS until unmapped,
-        so a merge would show the whole checkpoint as resident (clean file pages, reclaimable, but
-        that is what users see in a task manager). ``MADV_DONTNEED`` on a private file mapping whose
-        pages were never written drops them (they stay in the page cache; a later access re-reads
-        the file). Only done for ``loratools.io`` safetensors readers.
+        Without it, every page the merge read stays in this process's RSS and the whole checkpoint
+        shows as resident by the end (see ``SafetensorsReader.release``). Only the written tensor's
+        pages go; it was handed to the writer, which is done with it by the next ``produce``.
         """
         pending, self._pending = self._pending, None
         if pending is None:
@@ -324,15 +313,8 @@ class _Writer:
         sd, name = pending
         readers = getattr(sd, "readers", None) or [sd]
         reader = next((r for r in readers if isinstance(r, SafetensorsReader) and name in r), None)
-        mapping = getattr(reader, "_mm", None)  # the reader's private map; see the report to io
-        if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        info = reader.info(name)
-        start = reader.header.data_offset + info.begin
-        aligned = start - start % mmap.PAGESIZE
-        length = reader.header.data_offset + info.end - aligned
-        if length > 0:
-            mapping.madvise(mmap.MADV_DONTNEED, aligned, length)
+        if reader is not None:
+            reader.release(name)
 
     def write_file(self, path: Path, component: str, sd: Mapping[str, torch.Tensor], metadata: dict[str, str],
                    overwrite: bool, protected: Sequence[Path], keys: Sequence[str] | None = None) -> WrittenFile:
@@ -351,7 +333,7 @@ class _Writer:
         try:
             self._prefetch(component, sd)
             return write_safetensors(path, specs, lambda n: self.produce(component, sd, n), metadata,
-                                     overwrite=overwrite, protected=protected,
+                                     overwrite=overwrite, protected=protected, sha256=self.sha256,
                                      sshs_hashes=any(k.startswith("sshs_") for k in (getattr(sd, "metadata", None) or {})))
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)

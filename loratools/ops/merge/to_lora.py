@@ -83,6 +83,7 @@ class LoraMergeResult:
     omitted: list[str] = field(default_factory=list)
     file: WrittenFile | None = None
     resized: LoraOutcome | None = None
+    warnings: list[str] = field(default_factory=list)
 
 _OUTPUT_KINDS = (("lora_up.weight", "lora"), ("diff", "full"), ("w_norm", "norm"))
 
@@ -190,9 +191,9 @@ def _load(opts: LoraMergeOptions) -> tuple[list[tuple[WeightedPath, AdapterFile]
 def _out_dtype(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, AdapterFile]]) -> torch.dtype:
     import torch
 
-    from loratools.ops.merge.checkpoint import parse_dtype
+    from loratools.io.dtypes import parse_dtype_name
 
-    chosen = parse_dtype(opts.dtype)
+    chosen = parse_dtype_name(opts.dtype)
     if chosen is not None:
         return chosen
     for _, adapter in loaded:
@@ -276,7 +277,8 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
                                    title_of(wp.path, adapter.metadata)))
     meta = lora_metadata(loaded[0][1].metadata, arch=arch, adapters=records, output=opts.output, ranks=ranks,
                          alphas=alphas, title=opts.title, recipe=opts.recipe)
-    result = LoraMergeResult(opts.output, arch, records, len(names) - len(omitted), kinds, ranks, dropped, omitted)
+    result = LoraMergeResult(opts.output, arch, records, len(names) - len(omitted), kinds, ranks, dropped, omitted,
+                             warnings=[f"{wp.path.name}: {w}" for wp, adapter in loaded for w in adapter.warnings])
     if opts.recipe is None:
         result.file = save_tensors(opts.output, tensors, meta, overwrite=opts.overwrite, protected=protected,
                                    sshs_hashes=True)
