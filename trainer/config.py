@@ -89,7 +89,9 @@ class TrainConfig:
     dynamo_backend: str = _opt("inductor", "model", "torch.compile backend.")
     max_token_length: int | None = _opt(None, "model", "Caption token budget: 75, 150 or 225.", choices=MAX_TOKEN_LENGTHS)
     clip_skip: int | None = _opt(None, "model", "Use the N-th last CLIP layer (SD1/SD2; SDXL ignores it).")
-    tokenizer_cache_dir: str | None = _opt(None, "model", "Tokenizer cache folder.")
+    tokenizer_cache_dir: str | None = _opt(
+        None, "model", "Tokenizers for a single-file base: a folder with tokenizer/ (and tokenizer_2/ for SDXL) "
+        "of vocab.json + merges.txt (default: tokenizer folders next to the checkpoint).")
     cache_text_encoder_outputs: bool = _opt(False, "model", "SDXL: encode captions once (needs --network_train_unet_only).")
     cache_text_encoder_outputs_to_disk: bool = _opt(False, "model", "SDXL: keep the text-encoder cache in *_te_outputs.npz.")
     disable_mmap_load_safetensors: bool = _opt(False, "model", "Read safetensors fully instead of mmap.")
@@ -368,7 +370,6 @@ LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-only", "un
 BLOCK_COUNTS = {"sd1": 25, "sd2": 25, "sdxl": 23}
 # Flags accepted for compatibility whose work this trainer does differently (no effect).
 NO_EFFECT = {
-    "tokenizer_cache_dir": "tokenizers are read from the model folder or the shipped copies",
     "highvram": "the latent cache does not empty the CUDA cache between batches anyway",
     "cache_info": "image sizes are read from file headers, which is already fast",
     "disable_mmap_load_safetensors": "models are loaded through loratools.io",
