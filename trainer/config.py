@@ -262,11 +262,6 @@ class TrainConfig:
         """The user-facing fields as a plain dict (what ``--dry-run`` prints and metadata reads)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
 
-    @property
-    def resolved_output_name(self) -> str:
-        """sd-scripts' default file stem is ``last``."""
-        return self.output_name if self.output_name is not None else "last"
-
 
 def add_warning(cfg: TrainConfig, message: str) -> None:
     """Record a warning once (the dataset is scanned more than once: training and validation parts)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loratools.errors import UnmatchedModulesError, UsageError
+from loratools.io.dtypes import parse_dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from loratools.keys.unet_blocks import UNetBlockTable
 
 TARGETS: tuple[str, ...] = ("kohya", "peft")
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 # UNet modules outside the down/mid/up blocks (formats-spec 7.2, 7.3)
 _OUTSIDE_BLOCKS = ("conv_in", "conv_out", "conv_norm_out", "time_embedding.", "add_embedding.")
@@ -70,8 +70,7 @@ class ConvertOptions:
             raise UsageError(f"--to {self.to!r} is not a naming loratools writes; use one of: {', '.join(TARGETS)}")
         if self.arch is not None and self.arch not in ("sd1", "sd2", "sdxl"):
             raise UsageError(f"--arch {self.arch!r} is not supported; use sd1, sd2 or sdxl")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+        parse_dtype_name(self.dtype)  # a typo fails before any file is read
 
 
 @dataclass
@@ -212,7 +211,7 @@ def _peft_tensors(module: AdapterModule, component: str, path: str, dtype: str |
         down = torch.einsum("abhw,bi->aihw", module.mid.detach().float(), down.flatten(1))
     to_down, to_up = _split_scale(module.scale)
     name = peft_name(component, path)
-    out = getattr(torch, DTYPES[dtype]) if dtype is not None else None  # one rounding, from float32
+    out = parse_dtype_name(dtype)  # one rounding, from float32
     return {f"{name}.lora_A.weight": (down * to_down).to(out or module.down.dtype),
             f"{name}.lora_B.weight": (up * to_up).to(out or module.up.dtype)}
 
@@ -234,7 +233,5 @@ def _split_scale(s: float) -> tuple[float, float]:
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    import torch
-
-    target = getattr(torch, DTYPES[dtype])
+    target = parse_dtype_name(dtype)
     return {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
