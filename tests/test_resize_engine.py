@@ -16,15 +16,6 @@ from loratools.ops.resize.engine import Resizer
 from loratools.tiny import build_pipeline, make_lora, render
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers: thread start-up costs more than the maths on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sdxl_files(tiny_sdxl, tiny_sdxl_ckpt, tmp_path_factory):
     d = tmp_path_factory.mktemp("resize_sdxl")
@@ -217,3 +208,24 @@ def test_norm_cache_written_and_reused(sdxl_files, tmp_path):
     assert any("in_proj_weight[" in k for k in data["norms"])  # TE2 fused q/k/v row slices
     b = Resizer(ckpt, cache_dir=tmp_path / "cache").resize(ad.path, "spn_ckpt=1,thr=-2", dry_run=True).outcomes[0]
     assert [r.new_rank for r in a.rows] == [r.new_rank for r in b.rows]
+
+
+def test_fro_ckpt_never_computes_spectral_norms(sdxl_files, tmp_path, monkeypatch):
+    """sigma_max of every base layer is the expensive statistic: fro_ckpt recipes must not pay for it."""
+    import loratools.linalg.norms as norms
+
+    ckpt, ad = sdxl_files
+
+    def refuse(weight):
+        raise AssertionError("spectral norm computed for a fro_ckpt recipe")
+
+    real = norms.spectral_norm
+    monkeypatch.setattr(norms, "spectral_norm", refuse)
+    Resizer(ckpt, cache_dir=tmp_path / "cache").resize(ad.path, "fro_ckpt=1,thr=-3.55", dry_run=True)
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    entries = json.loads(cache_file.read_text())["norms"]
+    assert entries and all(set(e) == {"fro"} for e in entries.values())
+    monkeypatch.setattr(norms, "spectral_norm", real)  # a later spn_ckpt recipe fills in sigma_max
+    Resizer(ckpt, cache_dir=tmp_path / "cache").resize(ad.path, "spn_ckpt=1,thr=-2", dry_run=True)
+    entries = json.loads(cache_file.read_text())["norms"]
+    assert all(set(e) == {"fro", "spn"} and e["spn"] <= e["fro"] + 1e-6 for e in entries.values())

@@ -40,7 +40,7 @@ def checkpoint_identity(files: list[Path]) -> str:
 
 
 class NormCache:
-    """``(base key, rows) -> {"fro": float, "spn": float}`` for one checkpoint."""
+    """``(base key, rows) -> {"fro": float[, "spn": float]}`` for one checkpoint (spn only once a recipe used it)."""
 
     def __init__(self, folder: Path | None, identity: str) -> None:
         self.path = None if folder is None else folder / f"{identity}.json"
@@ -63,8 +63,8 @@ class NormCache:
     def get(self, key: str) -> dict[str, float] | None:
         return self._entries.get(key)
 
-    def put(self, key: str, fro: float, spn: float) -> None:
-        self._entries[key] = {"fro": fro, "spn": spn}
+    def put(self, key: str, fro: float, spn: float | None = None) -> None:
+        self._entries[key] = {"fro": fro} if spn is None else {"fro": fro, "spn": spn}
         self._dirty = True
 
     def save(self) -> None:

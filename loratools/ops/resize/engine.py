@@ -286,6 +286,8 @@ class Resizer:
         from loratools.ops.resize.selection import LayerShape, is_zero
 
         want_subspace = any(abs(r.weights.get("subspace", 0.0)) > 1e-6 for r in recipes)
+        # sigma_max of every base layer is the one expensive checkpoint statistic: only spn_ckpt needs it
+        want_spn = any(abs(r.weights.get("spn_ckpt", 0.0)) > 1e-6 for r in recipes)
         if adapter.naming == "peft" and any(getattr(m, "dora_scale", None) is not None
                                             for m in adapter.modules.values()):
             raise UsageError("PEFT DoRA adapters (lora_magnitude_vector) cannot be resized yet: "
@@ -315,7 +317,7 @@ class Resizer:
                                      "(loratools check weights shows where)", path=adapter.path)
             base = None
             if target is not None:
-                fro, spn = self._norms(target)
+                fro, spn = self._norms(target, want_spn)
                 proj = subspace_projection(U, Vh, self._base_weight(target)) if want_subspace else None
                 base = BaseRefs(fro=fro, spn=spn, subspace=proj)
             elif self.index is not None:
@@ -386,20 +388,26 @@ class Resizer:
         w = self.model.components[target.component][target.key]
         return w[target.rows[0]:target.rows[1]] if target.rows is not None else w
 
-    def _norms(self, target: Any) -> tuple[float, float]:
-        """Cached norms, or the base weight read and measured (then cached)."""
+    def _norms(self, target: Any, want_spn: bool) -> tuple[float, float | None]:
+        """Cached norms, or the base weight read and measured (then cached).
+
+        The Frobenius norm is one pass over the weight; the exact spectral norm needs a Gram
+        matrix per layer (minutes for a whole SDXL UNet), so it is computed only when asked for
+        and the cache fills in whichever norms the recipes needed.
+        """
         from loratools.linalg.norms import frobenius_norm, spectral_norm
         from loratools.ops.resize.cache import NormCache
 
         key = NormCache.key(target.component, target.key, target.rows)
-        hit = self.cache.get(key) if self.cache is not None else None
-        if hit is not None:
-            return float(hit["fro"]), float(hit["spn"])
-        W = self._base_weight(target)
-        fro, spn = frobenius_norm(W), spectral_norm(W)
-        if self.cache is not None:
-            self.cache.put(key, fro, spn)
-        return fro, spn
+        hit = dict(self.cache.get(key) or {}) if self.cache is not None else {}
+        if "fro" not in hit or (want_spn and "spn" not in hit):
+            W = self._base_weight(target)
+            hit.setdefault("fro", frobenius_norm(W))
+            if want_spn:
+                hit.setdefault("spn", spectral_norm(W))
+            if self.cache is not None:
+                self.cache.put(key, **hit)
+        return float(hit["fro"]), (float(hit["spn"]) if want_spn else None)
 
     # ------------------------------------------------------------------------------------
     def _ranks(self, recipe: Recipe, layers: Sequence[_Layer], compat: bool,

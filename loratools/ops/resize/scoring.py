@@ -27,7 +27,7 @@ class BaseRefs:
     """A base layer's references: ``fro`` = ||W||_F, ``spn`` = sigma_max(W), ``subspace`` [c]."""
 
     fro: float
-    spn: float
+    spn: float | None  # measured only when a recipe scores with spn_ckpt
     subspace: torch.Tensor | None = None
 
 
