@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import ArchitectureMismatchError, NonFiniteError, UsageError
+from loratools.io.dtypes import parse_dtype_name
 from loratools.ops.resize.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
     from loratools.adapters import AdapterFile, AdapterModule
     from loratools.io import ModelSource
 
-DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
-          "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32", "float": "float32"}
 Progress = Callable[[str, int, int], None]
 _CONVERTED = ("loha", "lokr")
 
@@ -267,9 +266,7 @@ class Resizer:
         import torch
 
         if dtype is not None:
-            if dtype.lower() not in DTYPES:
-                raise UsageError(f"unknown precision {dtype!r}; use fp16, bf16 or fp32")
-            return getattr(torch, DTYPES[dtype.lower()])
+            return parse_dtype_name(dtype, option="--save_precision")
         for m in adapter.modules.values():
             if m.kind in ("lora", *_CONVERTED):
                 t = next(iter(_factor_tensors(m)))

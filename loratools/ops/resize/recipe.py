@@ -42,7 +42,6 @@ VALID_KEYS = (*sorted(SCORE_TERMS), *SCORE_METHODS, *KOHYA_METHODS, "rescale", *
 CKPT_TERMS = ("fro_ckpt", "spn_ckpt", "subspace")
 
 DEFAULT_RECIPE = "fro_ckpt=1,thr=-3.55"
-RECIPE_DIR = Path(__file__).resolve().parents[3] / "recipes" / "resize"
 
 
 @dataclass(frozen=True)
@@ -127,9 +126,10 @@ def _integer(key: str, value: str, text: str, minimum: int) -> int:
 
 def named_recipes() -> dict[str, Path]:
     """Named recipes shipped in ``recipes/resize/*.toml`` (name -> file)."""
-    if not RECIPE_DIR.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.toml"))}
+    from loratools.resources import recipes_dir
+
+    folder = recipes_dir() / "resize"
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
 
 
 def load_named(name: str) -> str:
