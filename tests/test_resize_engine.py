@@ -229,3 +229,14 @@ def test_fro_ckpt_never_computes_spectral_norms(sdxl_files, tmp_path, monkeypatc
     Resizer(ckpt, cache_dir=tmp_path / "cache").resize(ad.path, "spn_ckpt=1,thr=-2", dry_run=True)
     entries = json.loads(cache_file.read_text())["norms"]
     assert all(set(e) == {"fro", "spn"} and e["spn"] <= e["fro"] + 1e-6 for e in entries.values())
+
+
+def test_stored_alpha_zero_is_warned_about(sd1_files, tmp_path):
+    ckpt, ads = sd1_files
+    src = open_safetensors(ads["locon"].path)
+    tensors = {k: src[k].clone() for k in src}
+    alpha_key = next(k for k in tensors if k.endswith(".alpha"))
+    tensors[alpha_key] = torch.zeros_like(tensors[alpha_key])
+    save_tensors(tmp_path / "alpha0.safetensors", tensors, dict(src.metadata))
+    outcome = Resizer(ckpt, cache_dir=None).resize(tmp_path / "alpha0.safetensors", "sv_fro=0.9", dry_run=True)
+    assert any("alpha" in w and alpha_key.split(".")[0] in w for w in outcome.warnings), outcome.warnings

@@ -211,6 +211,7 @@ class Resizer:
 
         adapter = load_adapter(lora)
         result = LoraOutcome(lora, [])
+        result.warnings.extend(adapter.warnings)  # e.g. a stored alpha of 0 (scale 0) resizes to nothing
         self._check_arch(adapter, lora)
         layers, passthrough = self._decompose(adapter, recipes, kohya_compat, result, progress)
         if self.cache is not None:
