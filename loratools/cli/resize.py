@@ -81,11 +81,9 @@ def resize(
 ) -> None:
     """Resize (shrink) LoRA/LoCon/LyCORIS files, exactly and fast, against their base checkpoint.
 
-    Checkpoint-aware recipes (elias-gaeros/resize_lora) keep each singular direction whose strength
-    relative to the base layer passes the threshold; size= finds the threshold that fits a file size;
-    sd-scripts' sv_fro/sv_ratio/sv_cumulative/rank keep what their criterion needs (without sd-scripts'
-    +1, unless --kohya-compat). Several recipes share one decomposition. Existing outputs are skipped
-    unless --overwrite. Output names follow elias: <lora>_<recipe>_th<threshold>.safetensors.
+    Checkpoint-aware recipes (elias-gaeros/resize_lora) keep each singular direction whose strength relative to the base layer passes the threshold; size= finds the threshold that fits a file size; sd-scripts' sv_fro/sv_ratio/sv_cumulative/rank keep what their criterion needs (without sd-scripts' +1, unless --kohya-compat).
+
+    Several recipes share one decomposition. Existing outputs are skipped unless --overwrite. Output names follow elias: <lora>_<recipe>_th<threshold>.safetensors.
     """
     from loratools.errors import UsageError
     from loratools.ops.resize import DEFAULT_RECIPE, Resizer, kohya_recipe, parse_recipes, resolve_inputs
