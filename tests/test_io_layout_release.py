@@ -108,3 +108,21 @@ def test_dtypes_module_does_not_import_torch():
     code = "import sys, loratools.io.dtypes, loratools.io.header; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_release_pages_on_shards_and_plain_dicts(tmp_path):
+    """io.release_pages works on every component Mapping io hands out, and is a no-op on a dict."""
+    import torch
+
+    from loratools.io import release_pages, save_tensors
+    from loratools.io.checkpoint import _Shards
+    from loratools.io.reader import open_safetensors
+
+    save_tensors(tmp_path / "a.safetensors", {"x": torch.arange(4096.0)})
+    save_tensors(tmp_path / "b.safetensors", {"y": torch.ones(8)})
+    shards = _Shards([open_safetensors(tmp_path / "a.safetensors"), open_safetensors(tmp_path / "b.safetensors")])
+    before = shards["x"].clone()
+    release_pages(shards, "x")
+    release_pages(shards, "y")  # never read: nothing mapped yet
+    torch.testing.assert_close(shards["x"], before)
+    release_pages({"x": before}, "x")

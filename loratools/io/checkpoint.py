@@ -111,6 +111,21 @@ class _Shards(Mapping[str, "torch.Tensor"]):
     def key_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: r.info(k).shape for k, r in self._where.items()}
 
+    def release(self, key: str) -> None:
+        """``SafetensorsReader.release`` on the shard holding ``key``."""
+        self._where[key].release(key)
+
+
+def release_pages(sd: Mapping[str, torch.Tensor], key: str) -> None:
+    """Drop ``key``'s pages from the process when ``sd`` is a mapped file (a no-op for in-memory dicts).
+
+    Streaming operations (merge, resize's base norms) call it once they are done with a base
+    tensor, so reading a whole 7 GB checkpoint never shows as 7 GB resident.
+    """
+    release = getattr(sd, "release", None)
+    if release is not None:
+        release(key)
+
 
 @dataclass
 class ModelSource:

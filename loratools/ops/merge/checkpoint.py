@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loratools.errors import InvalidFileError, OutputExistsError, UnmatchedModulesError, UsageError
+from loratools.io.checkpoint import release_pages
 from loratools.io.dtypes import parse_dtype_name
-from loratools.io.reader import SafetensorsReader
 from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch, check_finite
 from loratools.ops.merge.provenance import InputRecord, checkpoint_metadata, hash_input, title_of
 from loratools.ops.merge.ratios import WeightedPath
@@ -311,10 +311,7 @@ class _Writer:
         if pending is None:
             return
         sd, name = pending
-        readers = getattr(sd, "readers", None) or [sd]
-        reader = next((r for r in readers if isinstance(r, SafetensorsReader) and name in r), None)
-        if reader is not None:
-            reader.release(name)
+        release_pages(sd, name)
 
     def write_file(self, path: Path, component: str, sd: Mapping[str, torch.Tensor], metadata: dict[str, str],
                    overwrite: bool, protected: Sequence[Path], keys: Sequence[str] | None = None) -> WrittenFile:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import ArchitectureMismatchError, NonFiniteError, UsageError
+from loratools.io.checkpoint import release_pages
 from loratools.io.dtypes import parse_dtype_name
 from loratools.ops.resize.recipe import Recipe
 
@@ -403,6 +404,8 @@ class Resizer:
             hit.setdefault("fro", frobenius_norm(W))
             if want_spn:
                 hit.setdefault("spn", spectral_norm(W))
+            del W
+            release_pages(self.model.components[target.component], target.key)  # a cold run reads the whole base
             if self.cache is not None:
                 self.cache.put(key, **hit)
         return float(hit["fro"]), (float(hit["spn"]) if want_spn else None)
