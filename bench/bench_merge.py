@@ -1,7 +1,7 @@
 """Benchmark ``loratools merge``: peak memory and wall time of a LoCon merged into a full-size checkpoint.
 
 A synthetic checkpoint with the real key names, shapes and dtypes of SDXL base (fp16, ~6.9 GB; from
-``/work/shared/fixtures``) is written once into a temporary folder through ``loratools.io``'s
+``tests/fixtures``) is written once into a temporary folder through ``loratools.io``'s
 streaming writer, with an SDXL LoCon (the seed guide's LyCORIS args: 1052 modules, conv_dim 256).
 The merge then runs in a child process that imports torch first and records its resident memory;
 the result is the peak above that (VmHWM, which also counts mapped file pages, and the peak of
@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-FIXTURES = Path(os.environ.get("LORATOOLS_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 MODELS = {"sdxl": ("ckpt_sdxl_single_file.json", "lora_lycoris_sdxl_locon.json"),
           "sd15": ("ckpt_sd15_single_file.json", "lora_kohya_sd15_locon.json")}
 _POOL = 1 << 24  # random values reused cyclically: generation costs a memcpy, not an RNG per element

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from loratools.io.header import data_layout, encode_header
 
-FIXTURES = Path(os.environ.get("LORATOOLS_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 CASES = (("ckpt_sdxl_single_file.json", "sdxl_checkpoint.safetensors"),
          ("lora_lycoris_sdxl_locon.json", "sdxl_lycoris_locon.safetensors"))
 

@@ -36,7 +36,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-FIXTURES = Path(os.environ.get("LORATOOLS_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 LORA_FIXTURE = "lora_lycoris_sdxl_locon.json"
 CKPT_FIXTURE = "ckpt_sdxl_single_file.json"
 

@@ -14,7 +14,7 @@ from loratools.adapters.base import AdapterModule
 from loratools.errors import InvalidFileError
 
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).parent / "fixtures"
 LORA_FIXTURES = sorted(FIXTURES.glob("lora_*.json"))
 _DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64}
 # fixture README count names -> canonical name prefix

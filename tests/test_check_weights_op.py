@@ -14,7 +14,7 @@ from loratools.errors import UsageError
 from loratools.io import save_tensors
 from loratools.ops.check_weights import CheckOptions, check_adapter, check_file, delta_norm, parse_fail_on, tensor_stats
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def fixture_lora(name: str, *, rank: int = 2, dtype=torch.float32, seed: int = 0) -> tuple[dict, dict]:

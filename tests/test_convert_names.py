@@ -14,7 +14,7 @@ from loratools.adapters import parse_adapter
 from loratools.keys.naming import ModulePaths, kohya_name, peft_name
 from loratools.keys.unet_blocks import UNetBlockTable
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).parent / "fixtures"
 _DTYPES = {"F16": torch.float16, "F32": torch.float32}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from loratools.errors import InvalidFileError
 from loratools.keys.index import BaseIndex, shapes_compatible
 
-FIXTURES = Path(os.environ.get("LORATOOLS_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = Path(__file__).parent / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures folder not found")
 BASES = {"sd1": ("ckpt_sd15_single_file.json", "diffusers_sd15.json"),
          "sdxl": ("ckpt_sdxl_single_file.json", "diffusers_sdxl.json")}

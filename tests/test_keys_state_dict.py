@@ -4,7 +4,6 @@ single-file converters and against the full-scale fixtures."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from loratools.keys.state_dict import (
     LazyStateDict, align_text_model_level, from_single_file, plan_diffusers, plan_single_file, to_single_file,
 )
 
-FIXTURES = Path(os.environ.get("LORATOOLS_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = Path(__file__).parent / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures folder not found")
 
 FULL_SCALE = [("sd1", "ckpt_sd15_single_file.json", "diffusers_sd15.json"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from loratools.errors import InvalidFileError
 from loratools.keys.unet_blocks import LDM_UNET_PREFIX, UNetBlockTable
 
-FIXTURES = Path(os.environ.get("LORATOOLS_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures folder not found")
 
 # (arch, single-file fixture, diffusers fixture)

@@ -13,7 +13,7 @@ import torch
 from loratools.io import save_tensors
 from loratools.ops.metadata import dataset_folders, decode_metadata, decode_value, summarize, tag_counts
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def rank1_file(path: Path, fixture: str, metadata: dict | None = None, alpha_for=lambda name: 1.0) -> Path:

@@ -14,7 +14,7 @@ from loratools.errors import UsageError
 from trainer.network.lora import LoRAModule, apply_max_norm
 from trainer.network.network import LoRANetwork, NetworkOptions, block_index
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
 
 

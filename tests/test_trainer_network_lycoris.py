@@ -11,7 +11,7 @@ import torch
 
 from trainer.network.lycoris_net import LycorisAdapter
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
 
 
