@@ -366,6 +366,8 @@ BLOCK_COUNTS = {"sd1": 25, "sd2": 25, "sdxl": 23}
 # Flags accepted for compatibility whose work this trainer does differently (no effect).
 NO_EFFECT = {
     "highvram": "the latent cache does not empty the CUDA cache between batches anyway",
+    "weighted_captions": "(tag:1.2) emphasis is read as plain caption text",
+    "cpu_offload_checkpointing": "checkpointed activations stay on the device",
     "cache_info": "image sizes are read from file headers, which is already fast",
     "disable_mmap_load_safetensors": "models are loaded through loratools.io",
 }
@@ -522,8 +524,13 @@ def _check_caching(cfg: TrainConfig) -> None:
                                  "(captions must be the same every epoch)")
     if cfg.masked_loss and not cfg.alpha_mask:
         raise UsageError("--masked_loss needs --alpha_mask (the mask is the images' alpha channel)")
-    if cfg.persistent_data_loader_workers and cfg.max_data_loader_n_workers == 0:
-        warn("--persistent_data_loader_workers has no effect with --max_data_loader_n_workers=0")
+    if cfg.persistent_data_loader_workers:
+        warn("--persistent_data_loader_workers has no effect: " + (
+            "there are no workers (--max_data_loader_n_workers=0)" if cfg.max_data_loader_n_workers == 0 else
+            "workers are restarted each epoch so they see the epoch"))
+    if cfg.cache_text_encoder_outputs_to_disk:
+        warn("--cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory; no "
+             "*_te_outputs.npz files are written")
 
 
 def _check_optimizer(cfg: TrainConfig) -> None:

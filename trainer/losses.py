@@ -36,10 +36,19 @@ def pyramid_noise_like(noise: torch.Tensor, iterations: int, discount: float) ->
     for i in range(iterations):
         r = random.random() * 2 + 2
         wn, hn = max(1, int(w / (r**i))), max(1, int(h / (r**i)))
-        noise = noise + up(torch.randn(b, c, wn, hn).to(noise.device)) * discount**i
+        noise = noise + up(to_device(torch.randn(b, c, wn, hn), noise.device)) * discount**i
         if wn == 1 or hn == 1:
             break
     return noise / noise.std()
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without stalling the host: a plain copy to a GPU from pageable
+    memory waits for every queued kernel, so small per-step tensors go through pinned memory."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def sample_timesteps(min_timestep: int, max_timestep: int, batch: int, device) -> torch.Tensor:
@@ -48,7 +57,7 @@ def sample_timesteps(min_timestep: int, max_timestep: int, batch: int, device) -
         t = torch.randint(min_timestep, max_timestep, (batch,), device="cpu")
     else:
         t = torch.full((batch,), max_timestep, device="cpu")
-    return t.long().to(device)
+    return to_device(t.long(), device)
 
 
 def noise_and_timesteps(cfg: Any, noise_scheduler, latents: torch.Tensor, fixed_timestep: int | None = None):

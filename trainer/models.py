@@ -81,9 +81,11 @@ def _align(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def instantiate(cls: Any, config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], what: str,
-                path: Path, device: torch.device | None = None) -> Any:
-    """Build `cls` from `config` without random init and load `sd` into it (strict); with `device`
-    (`--lowram`) each tensor goes from the file straight to that device."""
+                path: Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """Build `cls` from `config` without random init and load `sd` into it (strict), each floating
+    tensor converted once, from the file, to `dtype` (the dtype it computes in: a float32 detour
+    doubles the peak memory and the load time of an fp16 checkpoint); with `device` (`--lowram`)
+    each tensor goes from the file straight to that device."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -102,7 +104,7 @@ def instantiate(cls: Any, config: Mapping[str, Any], sd: Mapping[str, torch.Tens
         first = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise InvalidFileError(f"{what}: {len(missing)} weights missing, {len(extra)} unexpected ({first}); "
                                "the file does not match its config", path=path)
-    model.load_state_dict({k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device)
+    model.load_state_dict({k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
                            for k, v in tensors.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -135,9 +137,11 @@ def detect_arch(has_te2: bool, te_config: Mapping[str, Any]) -> str:
     return "sd2" if te_config.get("hidden_act") == "gelu" else "sd1"
 
 
-def load_base_model(cfg: Any, device: torch.device | None = None) -> BaseModel:
-    """Load the base model named by `cfg.pretrained_model_name_or_path` (and `cfg.vae`); with
-    `device` (`--lowram`) the weights are placed there directly instead of in CPU memory."""
+def load_base_model(cfg: Any, device: torch.device | None = None, *, dtype: torch.dtype = torch.float32,
+                    vae_dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load the base model named by `cfg.pretrained_model_name_or_path` (and `cfg.vae`), the UNet and
+    text encoders in `dtype`, the VAE in `vae_dtype`; with `device` (`--lowram`) the weights are
+    placed there directly instead of in CPU memory."""
     from loratools.io.checkpoint import open_model
 
     if not cfg.pretrained_model_name_or_path:
@@ -148,11 +152,11 @@ def load_base_model(cfg: Any, device: torch.device | None = None) -> BaseModel:
                          "folder or a single-file checkpoint (nothing is downloaded from a hub)")
     source = open_model(path)
     if source.layout == "diffusers":
-        model = _load_diffusers(path, source, device)
+        model = _load_diffusers(path, source, device, dtype, vae_dtype)
     else:
         from trainer.single_file import load_single_file
 
-        model = load_single_file(path, source, cfg, device)
+        model = load_single_file(path, source, cfg, device, dtype, vae_dtype)
     if cfg.model_type and cfg.model_type != model.arch:
         if not (cfg.model_type in ("sd1", "sd2") and model.arch in ("sd1", "sd2")):
             raise UsageError(f"--model_type {cfg.model_type} but {path} is a {model.arch} model; drop --model_type "
@@ -162,22 +166,23 @@ def load_base_model(cfg: Any, device: torch.device | None = None) -> BaseModel:
         model.arch = "sd2"
     model.v_parameterization = bool(cfg.v_parameterization) or model.v_parameterization
     if cfg.vae:
-        model.vae, model.vae_path = load_vae(Path(cfg.vae).expanduser().resolve())
+        model.vae, model.vae_path = load_vae(Path(cfg.vae).expanduser().resolve(), vae_dtype)
         if device is not None:
             model.vae.to(device)
     return model
 
 
-def _load_diffusers(path: Path, source, device: torch.device | None = None) -> BaseModel:
+def _load_diffusers(path: Path, source, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                    vae_dtype: torch.dtype = torch.float32) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     for comp in ("unet", "vae", "text_encoder"):
         if comp not in source.components:
             raise InvalidFileError(f"diffusers folder has no {comp}/ weights", path=path)
     unet = instantiate(UNet2DConditionModel, _read_json(path / "unet" / "config.json"),
-                       source.components["unet"], "unet", path, device)
+                       source.components["unet"], "unet", path, device, dtype)
     vae = instantiate(AutoencoderKL, _read_json(path / "vae" / "config.json"), source.components["vae"], "vae", path,
-                      device)
+                      device, vae_dtype)
     te_cfg = _read_json(path / "text_encoder" / "config.json")
     has_te2 = "text_encoder_2" in source.components
     text_encoders, tokenizers = [], []
@@ -185,14 +190,14 @@ def _load_diffusers(path: Path, source, device: torch.device | None = None) -> B
         if comp not in source.components:
             continue
         cls, config = _te_classes(_read_json(path / comp / "config.json"))
-        text_encoders.append(instantiate(cls, config, source.components[comp], comp, path, device))
+        text_encoders.append(instantiate(cls, config, source.components[comp], comp, path, device, dtype))
         tokenizers.append(load_tokenizer(path / tok))
     sched = path / "scheduler" / "scheduler_config.json"
     v_pred = sched.exists() and _read_json(sched).get("prediction_type") == "v_prediction"
     return BaseModel(detect_arch(has_te2, te_cfg), unet, vae, text_encoders, tokenizers, v_pred, path)
 
 
-def load_vae(path: Path):
+def load_vae(path: Path, dtype: torch.dtype = torch.float32):
     """`--vae`: a diffusers VAE folder (or a model folder with vae/) or a single LDM-layout file."""
     from diffusers import AutoencoderKL
 
@@ -203,10 +208,10 @@ def load_vae(path: Path):
         from loratools.io.checkpoint import open_model
 
         sd = open_model(folder.parent).components["vae"] if folder.name == "vae" else _folder_weights(folder)
-        return instantiate(AutoencoderKL, _read_json(folder / "config.json"), sd, "vae", path), path
+        return instantiate(AutoencoderKL, _read_json(folder / "config.json"), sd, "vae", path, dtype=dtype), path
     from trainer.single_file import vae_from_single_file
 
-    return vae_from_single_file(path, open_state_dict(path)), path
+    return vae_from_single_file(path, open_state_dict(path), dtype), path
 
 
 def _folder_weights(folder: Path) -> Mapping[str, torch.Tensor]:

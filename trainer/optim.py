@@ -68,8 +68,17 @@ def _import_class(module: str, cls: str, package: str | None):
                          f"`pip install {package or module}` or pick another --optimizer_type") from None
 
 
-def create_optimizer(cfg: Any, param_groups: list[dict], optimizer_kwargs: dict[str, Any]) -> OptimizerInfo:
-    """Build the optimizer named by `cfg.optimizer_type` (legacy `--use_8bit_adam`/`--use_lion_optimizer` too)."""
+#: torch optimizers with a fused CUDA implementation: one kernel group per step instead of several
+#: per parameter, and with a grad scaler no host synchronisation (the skip happens on the device).
+_FUSED = ("adamw",)
+
+
+def create_optimizer(cfg: Any, param_groups: list[dict], optimizer_kwargs: dict[str, Any],
+                     device: torch.device | None = None) -> OptimizerInfo:
+    """Build the optimizer named by `cfg.optimizer_type` (legacy `--use_8bit_adam`/`--use_lion_optimizer` too).
+
+    On CUDA, torch's AdamW runs fused unless `--optimizer_args` chooses `fused`/`foreach` itself
+    (the same update; sd-scripts' metadata `ss_optimizer` records only the user's arguments)."""
     name = cfg.optimizer_type or "AdamW"
     if cfg.use_8bit_adam:
         name = "AdamW8bit"
@@ -100,7 +109,10 @@ def create_optimizer(cfg: Any, param_groups: list[dict], optimizer_kwargs: dict[
             if not lr_scheduler.startswith("adafactor"):
                 lr_scheduler = f"adafactor:{lr}"
             lr = None
-    optimizer = cls(param_groups, lr=lr, **kwargs) if lr is not None else cls(param_groups, **kwargs)
+    call_kwargs = dict(kwargs)
+    if key in _FUSED and device is not None and device.type == "cuda" and not {"fused", "foreach"} & set(kwargs):
+        call_kwargs["fused"] = True
+    optimizer = cls(param_groups, lr=lr, **call_kwargs) if lr is not None else cls(param_groups, **call_kwargs)
     return OptimizerInfo(optimizer, f"{cls.__module__}.{cls.__name__}", dict(optimizer_kwargs),
                          key.startswith("dadapt") or key == "prodigy", key.endswith("schedulefree"), lr_scheduler)
 

@@ -189,11 +189,14 @@ class Sampler:
         py_state = random.getstate()
         was_training = self.network.training
         vae_device = next(self.model.vae.parameters()).device
+        te_devices = [next(te.parameters()).device for te in self.model.text_encoders]
         self.network.eval()
         self.network.set_multiplier(1.0)  # samples show the network at full strength
         written: list[Path] = []
         try:
             self.model.vae.to(acc.device)
+            for te in self.model.text_encoders:  # off the device when their outputs are cached
+                te.to(acc.device)
             text = TextEncoderHelper(self.model.arch, self.model.tokenizers, self.model.text_encoders,
                                      clip_skip=None if self.model.arch == "sdxl" else self.cfg.clip_skip,
                                      max_token_length=self.cfg.max_token_length)
@@ -223,6 +226,8 @@ class Sampler:
                 written.append(path)
         finally:
             self.model.vae.to(vae_device)
+            for te, device in zip(self.model.text_encoders, te_devices):
+                te.to(device)
             self.network.train(was_training)
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:

@@ -24,23 +24,6 @@ BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1_v", ("sd2",
                       ("sd2", True): "sd_v2_v", ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
 
 
-def epoch_to_remove(epoch: int, every: int | None, keep: int | None) -> int | None:
-    """`--save_last_n_epochs`: after saving epoch e, the file of epoch e − every·N goes (keeps N)."""
-    if not keep or not every:
-        return None
-    old = epoch - every * keep
-    return old if old > 0 else None
-
-
-def step_to_remove(step: int, every: int | None, keep: int | None) -> int | None:
-    """`--save_last_n_steps`: r = s − N − 1 rounded down to a multiple of every; r > 0 goes."""
-    if not keep or not every:
-        return None
-    r = step - keep - 1
-    r -= r % every
-    return r if r > 0 else None
-
-
 def _hash_legacy(path: Path) -> str:
     """A1111's old model hash; a diffusers folder gives "IsADirectory" as in sd-scripts."""
     from loratools.io.hashes import legacy_file_hash
@@ -54,16 +37,26 @@ def _hash_full(path: Path) -> str:
     return "IsADirectory" if path.is_dir() else file_sha256(path)
 
 
+def model_hashes(model_path: Path, vae_path: Path | None) -> dict[str, str]:
+    """sd-scripts' base-model (and `--vae`) hashes: the legacy A1111 hash and the full sha256."""
+    out = {"ss_sd_model_hash": _hash_legacy(model_path), "ss_new_sd_model_hash": _hash_full(model_path)}
+    if vae_path is not None:
+        out.update(ss_vae_hash=_hash_legacy(vae_path), ss_new_vae_hash=_hash_full(vae_path))
+    return out
+
+
 def base_metadata(cfg: Any, *, arch: str, v_pred: bool, network_module: str, network_args: Mapping[str, str],
                   dataset_meta: Mapping[str, Any], num_batches_per_epoch: int, num_epochs: int, max_train_steps: int,
                   ss_optimizer: str, total_batch_size: int, seed: int, model_path: Path,
-                  vae_path: Path | None, session_start: float, trainer_version: str) -> dict[str, str]:
-    """The `ss_*` keys every save shares (spec 3), values as `str(python value)` like sd-scripts."""
+                  vae_path: Path | None, session_start: float, trainer_version: str,
+                  session_id: int, hashes: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The `ss_*` keys every save shares (spec 3), values as `str(python value)` like sd-scripts;
+    `hashes` = `model_hashes(model_path, vae_path)` when the caller computed them already."""
     text_encoder_lr = cfg.text_encoder_lr
     if isinstance(text_encoder_lr, (list, tuple)) and len(text_encoder_lr) == 1:
         text_encoder_lr = text_encoder_lr[0]
     md: dict[str, Any] = {
-        "ss_session_id": random.randint(0, 2**32),
+        "ss_session_id": session_id,
         "ss_training_started_at": session_start,
         "ss_output_name": cfg.output_name,  # str(None) = "None" without --output_name, as sd-scripts
         "ss_learning_rate": cfg.learning_rate,
@@ -148,12 +141,9 @@ def base_metadata(cfg: Any, *, arch: str, v_pred: bool, network_module: str, net
     if network_args:
         md["ss_network_args"] = json.dumps(dict(network_args))
     md["ss_sd_model_name"] = model_path.name if model_path.exists() else str(model_path)
-    md["ss_sd_model_hash"] = _hash_legacy(model_path)
-    md["ss_new_sd_model_hash"] = _hash_full(model_path)
+    md.update(model_hashes(model_path, vae_path) if hashes is None else hashes)
     if vae_path is not None:
         md["ss_vae_name"] = vae_path.name
-        md["ss_vae_hash"] = _hash_legacy(vae_path)
-        md["ss_new_vae_hash"] = _hash_full(vae_path)
     if cfg.no_metadata:
         keep = {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args"}
@@ -244,3 +234,89 @@ def save_network_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         torch.save(out, tmp)
         tmp.replace(path)
     return path, flushed
+
+
+def trainer_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"loratools/{version('loratools')}"
+    except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
+        return "loratools/unknown"
+
+
+class RunMetadata:
+    """The metadata of every file a run saves. The base model's sha256 (a whole read of a 7 GB
+    checkpoint) is computed on a thread while training starts, and waited for at the first save."""
+
+    def __init__(self, cfg: Any, session: Any, model: Any, data: Any, net: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cfg, self.model = cfg, model
+        self.version = trainer_version()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
+        self._hashes = self._pool.submit(model_hashes, model.path, model.vae_path) if session.main else None
+        plan = data.plan
+        self._base_args = dict(
+            arch=model.arch, v_pred=model.v_parameterization, network_module=cfg.network_module,
+            network_args=net.network_args, dataset_meta=dataset_metadata(data.dataset),
+            num_batches_per_epoch=len(net.loader), num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps,
+            ss_optimizer=net.opt_info.ss_optimizer, total_batch_size=plan.effective_batch_size, seed=session.seed,
+            model_path=model.path, vae_path=model.vae_path, session_start=session.started,
+            trainer_version=self.version, session_id=random.randint(0, 2**32))  # drawn where sd-scripts draws it
+        self._base: dict[str, str] | None = None
+
+    def for_save(self, epoch: int, step: int) -> dict[str, str]:
+        import time
+
+        if self._base is None:
+            hashes = self._hashes.result() if self._hashes is not None else None
+            self._pool.shutdown(wait=False)
+            self._base = base_metadata(self.cfg, hashes=hashes, **self._base_args)
+        ts = time.time()
+        meta = dict(self._base)
+        meta.update({"ss_training_finished_at": str(ts), "ss_steps": str(step), "ss_epoch": str(epoch)})
+        meta.update(modelspec(self.cfg, arch=self.model.arch, v_pred=self.model.v_parameterization,
+                              trainer_version=self.version, timestamp=ts))
+        return meta
+
+
+def dataset_metadata(dataset) -> dict:
+    """The dataset part of the `ss_*` metadata (spec 3) from the dataset's own bookkeeping."""
+    plan = dataset.plan
+    meta: dict = {"num_train_images": plan.num_train_images, "num_reg_images": plan.num_reg_images,
+                  "num_validation_images": plan.num_validation_images,
+                  "ss_tag_frequency": dataset.tag_frequency(), "ss_dataset_dirs": dataset.dataset_dirs(False),
+                  "ss_reg_dataset_dirs": dataset.dataset_dirs(True)}
+    layouts = dataset.layouts
+    meta["ss_bucket_info"] = layouts[0].bucket_info() if len(layouts) == 1 and layouts[0].spec.enable_bucket else None
+    if dataset.cfg.dataset_config:
+        meta["ss_datasets"] = [dataset_entry(layout) for layout in layouts]
+        del meta["ss_bucket_info"], meta["ss_reg_dataset_dirs"]
+    return meta
+
+
+def dataset_entry(layout) -> dict:
+    """One element of sd-scripts' `ss_datasets` (written when --dataset_config is used)."""
+    spec = layout.spec
+    subsets = []
+    for sub in spec.subsets:
+        cap = sub.caption
+        subsets.append({
+            "img_count": sum(1 for info in layout.images.values() if info.subset is sub),
+            "num_repeats": sub.num_repeats, "color_aug": False,
+            "flip_aug": sub.flip_aug, "random_crop": sub.random_crop, "shuffle_caption": cap.shuffle_caption,
+            "keep_tokens": cap.keep_tokens, "keep_tokens_separator": cap.keep_tokens_separator,
+            "secondary_separator": cap.secondary_separator, "enable_wildcard": cap.enable_wildcard,
+            "caption_prefix": cap.caption_prefix, "caption_suffix": cap.caption_suffix,
+            "resize_interpolation": sub.resize_interpolation, "image_dir": sub.image_dir.name,
+            "class_tokens": sub.class_tokens, "is_reg": sub.is_reg,
+        })
+    return {
+        "is_dreambooth": True, "batch_size_per_device": spec.batch_size, "num_train_images": layout.num_train_images,
+        "num_reg_images": layout.num_reg_images, "resolution": list(spec.resolution),
+        "enable_bucket": spec.enable_bucket, "min_bucket_reso": spec.min_bucket_reso,
+        "max_bucket_reso": spec.max_bucket_reso, "tag_frequency": layout.tag_frequency,
+        "bucket_info": layout.bucket_info() if spec.enable_bucket else None,
+        "resize_interpolation": None, "subsets": subsets,
+    }

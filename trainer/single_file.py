@@ -132,7 +132,8 @@ def _tokenizer_dirs(path: Path, cfg: Any, n: int) -> list[Path]:
                      "e.g. copied from a diffusers folder of the same model family)")
 
 
-def load_single_file(path: Path, source, cfg: Any, device: torch.device | None = None) -> BaseModel:
+def load_single_file(path: Path, source, cfg: Any, device: torch.device | None = None,
+                     dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> BaseModel:
     """A BaseModel from a single-file checkpoint (see the module docstring)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -168,16 +169,16 @@ def load_single_file(path: Path, source, cfg: Any, device: torch.device | None =
         cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
         if comp == "text_encoder_2":
             te2_proj = config.projection_dim
-        text_encoders.append(instantiate(cls, config, parts[comp], comp, path, device))
+        text_encoders.append(instantiate(cls, config, parts[comp], comp, path, device, dtype))
     unet_shapes = {k: tuple(v.shape) for k, v in parts["unet"].items()}
     unet = instantiate(UNet2DConditionModel, config_for("unet", unet_config(arch, unet_shapes, te2_proj)),
-                       parts["unet"], "unet", path, device)
+                       parts["unet"], "unet", path, device, dtype)
     vae = instantiate(AutoencoderKL, config_for("vae", vae_config(arch, {k: tuple(v.shape) for k, v in parts["vae"].items()})),
-                      parts["vae"], "vae", path, device)
+                      parts["vae"], "vae", path, device, vae_dtype)
     return BaseModel(arch, unet, vae, text_encoders, tokenizers, False, path)
 
 
-def vae_from_single_file(path: Path, state_dict: Mapping[str, torch.Tensor]):
+def vae_from_single_file(path: Path, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32):
     """`--vae FILE`: an LDM-layout VAE file (bare `encoder.*` keys or `first_stage_model.*`)."""
     from diffusers import AutoencoderKL
 
@@ -191,4 +192,4 @@ def vae_from_single_file(path: Path, state_dict: Mapping[str, torch.Tensor]):
         raise InvalidFileError("no VAE weights (encoder.*/decoder.*) in --vae file", path=path)
     arch = "sdxl"  # only the scaling factor differs, and BaseModel.latent_scaling is per arch
     shapes = {k: tuple(v.shape) for k, v in parts["vae"].items()}
-    return instantiate(AutoencoderKL, vae_config(arch, shapes), parts["vae"], "vae", path)
+    return instantiate(AutoencoderKL, vae_config(arch, shapes), parts["vae"], "vae", path, dtype=dtype)

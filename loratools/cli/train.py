@@ -137,15 +137,9 @@ def _show(value: Any) -> str:
 
 
 def _planned_outputs(cfg: Any, plan: Any) -> list[str]:
-    """The model files sd-scripts' save schedule produces (epoch/step saves and the final file)."""
-    from trainer.filenames import epoch_file, final_file, step_file
+    """The model files the run's save schedule writes (`trainer.schedule`, the loop's own rules)."""
+    from trainer.schedule import SaveSchedule
 
-    name, ext = cfg.output_name, cfg.save_model_as
     folder = Path(cfg.output_dir) if cfg.output_dir else Path(".")
-    files = []
-    if cfg.save_every_n_epochs:
-        files += [epoch_file(name, e, ext) for e in range(1, plan.num_epochs) if e % cfg.save_every_n_epochs == 0]
-    if cfg.save_every_n_steps:
-        files += [step_file(name, s, ext) for s in range(1, plan.max_train_steps + 1) if s % cfg.save_every_n_steps == 0]
-    files.append(final_file(name, ext))
+    files = SaveSchedule(cfg, plan.num_epochs).planned_files(plan.steps_per_epoch, plan.max_train_steps)
     return [str(folder / f) for f in files]

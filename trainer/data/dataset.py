@@ -299,6 +299,16 @@ class TrainDataset(torch.utils.data.Dataset):
             else:
                 self._memory_cache[info.key] = entry
 
+    def distinct_captions(self) -> list[str]:
+        """Each image's caption as the text encoders see it, once per distinct text. Exact only when
+        captions do not vary between uses (`--cache_text_encoder_outputs` refuses the options that
+        vary them); the cache encodes any other caption on first use."""
+        rng = random.Random(0)
+        return list(dict.fromkeys(
+            process_caption(info.caption, info.subset.caption, rng, epoch=1, step=0,
+                            max_train_steps=self.cfg.max_train_steps)
+            for layout in self.layouts for info in layout.images.values()))
+
     # --- metadata helpers ----------------------------------------------------------------
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """``ss_tag_frequency``: per folder name, merged over datasets (the first folder of a name wins)."""

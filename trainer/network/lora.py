@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.network.fast import FactorPair, MaxNormGroup, lean_forward
+
 
 class LoRAModule(nn.Module):
     """One LoRA/LoCon adapter patched into the forward of a frozen Linear or Conv2d.
@@ -65,9 +67,14 @@ class LoRAModule(nn.Module):
         return self._org[0]
 
     def apply_to(self) -> None:
-        """Route the base module's forward through this adapter."""
+        """Route the base module's forward through this adapter (the lean fused form when no
+        dropout of any kind is configured: `trainer.network.fast`)."""
         self._org_forward = self.org_module.forward
-        self.org_module.forward = self.forward
+        if self.dropout or self.rank_dropout or self.module_dropout:
+            self.org_module.forward = self.forward
+        else:
+            self.org_module.forward = lean_forward(self._org_forward, self.lora_down, self.lora_up,
+                                                   lambda: self.multiplier * self.scale)
 
     def restore(self) -> None:
         """Undo `apply_to` (used by tests and by sampling without the adapter)."""
@@ -106,28 +113,11 @@ class LoRAModule(nn.Module):
 
 
 def apply_max_norm(modules: list[LoRAModule], max_norm_value: float) -> tuple[int, float, float]:
-    """sd-scripts' `--scale_weight_norms`: clamp ‖ΔW‖_F of every module to `max_norm_value`.
+    """sd-scripts' `--scale_weight_norms`: clamp ‖ΔW‖_F of every module to `max_norm_value`
+    (`fast.MaxNormGroup`: r x r Gram matrices, batched, one synchronisation). Returns
+    (keys_scaled, mean of the post-scaling norms, max of them), as sd-scripts logs them."""
+    return MaxNormGroup(lambda: [factor_pair(m) for m in modules]).apply(max_norm_value)
 
-    norm = max(‖ΔW‖, X/2), desired = min(norm, X), ratio = desired / norm; when ratio != 1 both
-    factors are multiplied by sqrt(ratio) and the key counts as scaled. Returns
-    (keys_scaled, mean of the post-scaling norms, max of them), as sd-scripts logs them (the
-    reported norm is the unclamped ‖ΔW‖ times the ratio, exactly as sd-scripts computes it).
-    """
-    keys_scaled = 0
-    norms: list[torch.Tensor] = []
-    with torch.no_grad():
-        for module in modules:
-            updown = module.delta_weight()
-            norm = updown.norm().clamp(min=max_norm_value / 2)
-            desired = torch.clamp(norm, max=max_norm_value)
-            ratio = desired.cpu() / norm.cpu()
-            sqrt_ratio = ratio**0.5
-            if ratio != 1:
-                keys_scaled += 1
-                module.lora_up.weight.mul_(sqrt_ratio.to(module.lora_up.weight.device))
-                module.lora_down.weight.mul_(sqrt_ratio.to(module.lora_down.weight.device))
-            norms.append((updown.norm() * ratio.to(updown.device)).cpu())
-    if not norms:
-        return 0, 0.0, 0.0
-    stacked = torch.stack(norms)
-    return keys_scaled, float(stacked.mean()), float(stacked.max())
+
+def factor_pair(module: LoRAModule) -> FactorPair:
+    return FactorPair(module.lora_up.weight, module.lora_down.weight, module.scale)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from loratools.errors import UsageError
+from trainer.network.fast import FactorPair, MaxNormGroup, lean_forward
 from trainer.network.names import KohyaNamer
 
 #: network_args lycoris.kohya accepts but never reads (the Hungarian guide passes them).
@@ -110,6 +111,11 @@ class LycorisAdapter(nn.Module):
         if _truthy(args.get("rank_dropout_scale", "false")):
             for module in self.net.loras:
                 module.rank_dropout_scale = True
+        self._lean = [lora for lora in self.net.loras if _install_lean_forward(lora)]
+        lean_ids = {id(lora) for lora in self._lean}
+        self._other = [lora for lora in self.net.loras if id(lora) not in lean_ids]
+        self._max_norm = MaxNormGroup(lambda: [FactorPair(m.lora_up.weight, m.lora_down.weight, m.scale)
+                                               for m in self._lean])
         self._to_kohya = self._name_map(unet, text_encoders)
         self._from_kohya = {v: k for k, v in self._to_kohya.items()}
         if weights is not None:
@@ -154,8 +160,21 @@ class LycorisAdapter(nn.Module):
             text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
         return self.net.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)
 
-    def apply_max_norm_regularization(self, max_norm_value: float):
-        return self.net.apply_max_norm_regularization(max_norm_value, next(self.parameters()).device)
+    def apply_max_norm_regularization(self, max_norm_value: float) -> tuple[int, float, float]:
+        """LoRA-form modules in one batched pass (`fast.MaxNormGroup`); other algorithms through
+        their own LyCORIS `apply_max_norm`. Returns (keys scaled, mean and max norm of the scaled)."""
+        scaled, mean, peak = self._max_norm.apply(max_norm_value)
+        if not self._other:
+            return scaled, mean, peak
+        device = next(self.parameters()).device
+        norms = [mean] * len(self._lean) if self._lean else []
+        for module in self._other:
+            hit, norm = module.apply_max_norm(max_norm_value, device)
+            if hit is None:
+                continue
+            scaled += int(hit)
+            norms.append(float(norm))
+        return scaled, sum(norms) / max(1, len(norms)), max([peak, *norms])
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """The file content sd-scripts + LyCORIS write, with kohya module names, float32 on CPU."""
@@ -182,6 +201,27 @@ class LycorisAdapter(nn.Module):
             raise UsageError(f"network weights do not fit the chosen algorithm (first unexpected key: "
                              f"{result.unexpected_keys[0]}); use the same algo/preset as the file")
         return sorted(set(unknown))
+
+
+def _install_lean_forward(lora) -> bool:
+    """Give a plain LyCORIS LoCon/LoRA module the lean fused forward of `trainer.network.fast`
+    (same ΔW = up·down·alpha/rank; LyCORIS' own forward rebuilds the full weight each call).
+    Modules with dropout, rank/module dropout, Tucker, DoRA, a trainable scalar, a grouped conv
+    or a quantised base keep LyCORIS' forward."""
+    if type(lora).__name__ != "LoConModule" or getattr(lora, "tucker", False) or getattr(lora, "wd", False):
+        return False
+    if isinstance(getattr(lora, "scalar", None), nn.Parameter) or getattr(lora, "is_quant", False):
+        return False
+    dropout = lora.dropout.p if isinstance(lora.dropout, nn.Dropout) else 0.0  # nn.Identity when 0
+    if dropout or float(lora.rank_dropout or 0) or float(lora.module_dropout or 0):
+        return False
+    org = lora.org_module[0]
+    if type(org) not in (nn.Linear, nn.Conv2d) or getattr(org, "groups", 1) != 1:
+        return False
+    forward = lean_forward(lora.org_forward, lora.lora_down, lora.lora_up, lambda: lora.multiplier * lora.scale)
+    lora.forward = forward
+    org.forward = forward
+    return True
 
 
 def _drop_names_inside_target_classes(preset: dict, unet) -> dict:

@@ -1,0 +1,70 @@
+"""Precision of the frozen models and of the network: dtypes, and float32 master weights.
+
+`--full_fp16` / `--full_bf16` put the network's own weights in half precision, so its forward and
+backward run without autocast casts. The optimizer must not step those half weights directly:
+AdamW's eps (1e-8) and the square of small gradients are 0 in fp16, and a fresh LoRA's down
+factors get exactly zero gradients (its up factors are zero), so the first update is 0/0 = NaN
+(reproduced on a CPU: one AdamW step on an fp16 zero gradient gives NaN). Updates of 1e-4 x lr are
+also below the fp16/bf16 resolution of typical weights. So the optimizer owns float32 master copies:
+after each backward the half gradients are copied into them, the optimizer (and the grad scaler,
+which then sees float32 gradients and skips non-finite steps) works on float32, and the result is
+copied back into the half weights, as mixed-precision training with master weights does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def compute_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The dtype of `--mixed_precision` ("fp16", "bf16"; anything else float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
+
+
+def network_dtype(cfg) -> torch.dtype:
+    """The network's storage dtype: fp16 / bf16 with `--full_fp16` / `--full_bf16`, else float32."""
+    return torch.float16 if cfg.full_fp16 else torch.bfloat16 if cfg.full_bf16 else torch.float32
+
+
+class MasterWeights:
+    """Float32 copies of half-precision trainable parameters, for the optimizer.
+
+    Args:
+        params: the network's trainable parameters (fp16/bf16).
+    Use `groups(param_groups)` to hand the optimizer the masters, `pull_grads()` after the
+    backward (before clipping and the optimizer step), `push()` after the step.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.model = list(params)
+        self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model]
+        self._by_id = {id(p): m for p, m in zip(self.model, self.master)}
+
+    def groups(self, param_groups: list[dict]) -> list[dict]:
+        """The same groups with each parameter replaced by its float32 master."""
+        return [{**g, "params": [self._by_id[id(p)] for p in g["params"]]} for g in param_groups]
+
+    @torch.no_grad()
+    def pull_grads(self) -> None:
+        """master.grad = float32(model.grad) for every parameter that has a gradient; the half
+        gradients are released (they are accumulated again from zero next step)."""
+        pairs = [(m, p) for m, p in zip(self.master, self.model) if p.grad is not None]
+        for m, p in pairs:
+            if m.grad is None:
+                m.grad = torch.empty_like(m)
+        if pairs:
+            torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
+        for _, p in pairs:
+            p.grad = None
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """Copy the updated masters into the half-precision weights the network computes with."""
+        torch._foreach_copy_(self.model, self.master)
+
+    @torch.no_grad()
+    def reload(self) -> None:
+        """Masters from the network's weights (after a checkpoint was loaded into the network)."""
+        torch._foreach_copy_(self.master, self.model)
