@@ -121,8 +121,8 @@ def _render(r: Any, all_modules: bool) -> None:
             out.print(heading)
             for line in lines:
                 out.print("  - " + line)
-    for line in r.explanations[len(r.expected) + len(r.problems):]:
-        out.print("- " + line)
+    for line in r.explanations[len(r.expected) + len(r.problems):] if r.unknown_keys else []:
+        out.print("- " + line)  # keys no module type claimed (the "all ok" line is the verdict's)
     out.print(styled(r.verdict, "red" if r.failed else "green"))
 
 
