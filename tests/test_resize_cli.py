@@ -35,7 +35,10 @@ def test_seed_command_verbatim_then_skip_then_overwrite(sdxl, tmp_path):
     assert rc == 0, err
     target = out / "my lora, v2_frockpt1_th-3.55.safetensors"
     assert target.is_file() and [p.name for p in out.iterdir()] == [target.name]
-    assert "rank 930 -> " in stdout and "MiB ->" in stdout and "Frobenius" in stdout and "threshold -3.55" in stdout
+    assert "rank 930 -> " in stdout and "Frobenius" in stdout and "threshold -3.55" in stdout
+    # sizes in the unit that shows the change (was "0.4 MiB -> 0.4 MiB"), matching the files on disk
+    before, after = lora.stat().st_size, target.stat().st_size
+    assert f"{before / 1024:.1f} KiB -> {after / 1024:.1f} KiB" in stdout
     assert open_safetensors(target).metadata["ss_training_comment"].startswith("Resized by loratools")
     mtime = target.stat().st_mtime_ns
     rc, stdout, _ = run("-o", out, "-r", "fro_ckpt=1,thr=-3.55", ckpt, lora, cwd=tmp_path)

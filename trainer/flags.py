@@ -55,7 +55,7 @@ def canonical_name(raw: str, *, where: str = "") -> str:
                          f"program: accelerate launch --{name}=... -m loratools train ...")
     near = difflib.get_close_matches(name, list(fields) + list(FLAG_ALIASES), n=1)
     hint = f"; did you mean --{FLAG_ALIASES.get(near[0], near[0])}?" if near else ""
-    raise UsageError(f"{where}unknown training option --{name}{hint} (loratools train --help lists the sd-scripts flags)")
+    raise UsageError(f"{where}unknown training option --{name}{hint} (loratools train --list-flags lists every accepted flag)")
 
 
 def field_kind(name: str) -> str:

@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: full flag names at any width, no <bool> type labels
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -66,9 +67,9 @@ def main() -> None:
     except LoratoolsError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        from loratools.cli.output import err_console, plain
+        from loratools.cli.output import out
 
-        err_console.print(f"[red]error:[/red] {plain(exc)}", soft_wrap=True, highlight=False)
+        out.error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

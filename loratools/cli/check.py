@@ -19,24 +19,28 @@ from loratools.cli.options import JsonOpt
 app = typer.Typer(
     help="Check adapter files for problems.\n\nExample: loratools check weights my_lora.safetensors",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 
 @app.command()
 def weights(
-    files: Annotated[list[Path], typer.Argument(help="Adapter files (.safetensors, .pt, .ckpt).",
+    files: Annotated[list[Path], typer.Argument(help="Adapter files (.safetensors, .pt, .ckpt).", metavar="FILE",
                                                 show_default=False)],
     all_modules: Annotated[bool, typer.Option("--all", help="List every module, not only problems.")] = False,
     json_out: JsonOpt = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="One CSV row per tensor, sd-scripts' "
                                           "check_lora_weights columns: key, shape, mean|w|, min|w|.")] = False,
     fail_on: Annotated[Optional[list[str]], typer.Option(
-        "--fail-on", help="Statuses that give exit code 1: dead, nan, underflow (comma list; 'none' never "
-        "fails). Expected dead modules (clip skip) never fail.")] = None,
+        "--fail-on", metavar="STATUSES", help="Statuses that give exit code 1: dead, nan, underflow (comma list; "
+        "'none' never fails). Expected findings (unused text-encoder layers, underflow that costs under 1 % of "
+        "a delta) never fail.")] = None,
 ) -> None:
-    """Find dead (all-zero), NaN/Inf and fp16-underflowed modules and say which are expected.
+    """Find dead (all-zero), NaN/Inf and fp16-underflowed modules; say which are expected and what to do
+    about the others.
 
-    Exit code 0: nothing unexpected; 1: problems found; 2: unreadable input.
+    Exit code 0: nothing to fix; 1: problems found; 2: unreadable input. sd-scripts' check_lora_weights.py
+    output: --csv.
 
     Example: loratools check weights lora.safetensors --fail-on nan,dead
     """
@@ -47,16 +51,14 @@ def weights(
         raise UsageError("choose one of --json and --csv")
     options = CheckOptions(fail_on=parse_fail_on(fail_on)) if fail_on else CheckOptions()
     reports = [check_file(f, options) for f in files]
-    from loratools.cli.output import warn
+    from loratools.cli.output import out
 
     for r in reports:
         for message in r.warnings:
-            warn(f"{r.path}: {message}")
+            out.warn(f"{r.path}: {message}")
     if json_out:
-        from loratools.cli.output import print_json
-
         docs = [_clean(r.to_json()) for r in reports]
-        print_json(docs[0] if len(docs) == 1 else docs)
+        out.json(docs[0] if len(docs) == 1 else docs)
     elif csv_out:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["key", "shape", "mean|w|", "min|w|"])
@@ -94,38 +96,34 @@ def _pct(x: float) -> str:
 
 
 def _render(r: Any, all_modules: bool) -> None:
-    from rich.table import Table
+    from loratools.cli.output import out, styled
 
-    from loratools.cli.output import console, plain
-
-    t = Table(title_justify="left", show_lines=False, pad_edge=False)
-    t.add_column("module", overflow="fold", ratio=3)
-    for col in ("type r/α", "mean|w| / min|w| per factor"):
-        t.add_column(col, overflow="fold", ratio=2)
-    for col in ("zeros", "<fp16 normal", "‖ΔW‖"):
-        t.add_column(col, justify="right", ratio=1)
-    t.add_column("status", overflow="fold", ratio=1)
-    shown = 0
+    rows = []
     for m in r.modules:
         if not all_modules and m.status == "ok":
             continue
-        shown += 1
-        status = m.status + (" (expected)" if m.expected else "")
-        color = "green" if m.status == "ok" else "yellow" if m.expected or m.status == "underflow" else "red"
+        status = m.status + ((" (harmless)" if m.status == "underflow" else " (expected)") if m.expected else "")
         rank = f"{m.kind} {m.rank if m.rank is not None else '-'}/{_g(m.alpha)}"
         factors = "; ".join(f"{x.suffix.removesuffix('.weight')} {_g(x.mean_abs)}/{_g(x.min_abs)}" for x in m.tensors)
-        t.add_row(plain(m.name), rank, plain(factors), _pct(max(x.zero_fraction for x in m.tensors)),
-                  _pct(max(x.below_fp16_normal for x in m.tensors)), _g(m.delta_norm), f"[{color}]{status}[/{color}]")
-    console.rule(f"[bold]{plain(r.path)}")
-    if shown:
-        console.print(t)
+        rows.append((m.name, status, rank, _pct(max(x.zero_fraction for x in m.tensors)),
+                     _pct(max(x.below_fp16_normal for x in m.tensors)), _g(m.delta_norm), factors))
+    out.rule(str(r.path))
+    if rows:
+        out.show(out.table(None, ["module", "status", "type r/α", "zeros", "<fp16", "‖ΔW‖",
+                                  "mean|w| / min|w| per factor"], rows,
+                           justify_right=("zeros", "<fp16", "‖ΔW‖"), wrap=("mean|w| / min|w| per factor",)))
     counts = ", ".join(f"{n} {s}" for s, n in r.counts.items())
     dtypes = ", ".join(sorted({m.dtype for m in r.modules}))
-    console.print(f"{len(r.modules)} modules ({counts}); {dtypes}; architecture {(r.arch or 'unknown').upper()}"
-                  + (f", clip skip {r.clip_skip}" if r.clip_skip else ""))
-    for line in r.explanations:
-        console.print("- " + plain(line), highlight=False)
-    console.print("[red]FAILED[/red]" if r.failed else "[green]OK[/green]")
+    out.print(f"{len(r.modules)} modules ({counts}); {dtypes}; architecture {(r.arch or 'unknown').upper()}"
+              + (f", clip skip {r.clip_skip}" if r.clip_skip else ""))
+    for heading, lines in (("expected, nothing to do:", r.expected), ("problems, and what to do:", r.problems)):
+        if lines:
+            out.print(heading)
+            for line in lines:
+                out.print("  - " + line)
+    for line in r.explanations[len(r.expected) + len(r.problems):] if r.unknown_keys else []:
+        out.print("- " + line)  # keys no module type claimed (the "all ok" line is the verdict's)
+    out.print(styled(r.verdict, "red" if r.failed else "green"))
 
 
 from loratools.cli import check_keys  # noqa: E402  (adds `check keys` to this group)

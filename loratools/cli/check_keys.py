@@ -39,23 +39,23 @@ def keys(
 
     Lists the modules that do not apply and why, then one line: "N/M modules apply; K unmatched; LoRA: SDXL, base: SDXL". Reads only file headers. Exit code 0: every module applies; 1: a problem was found; 2: unreadable input.
     """
-    from loratools.cli import output as out
+    from loratools.cli.output import out
     from loratools.ops.check_keys import CheckKeysOptions, check_keys
 
     result = check_keys(CheckKeysOptions(adapter=adapter, base=base))
     if json_out:
-        out.print_json(result.as_json())
+        out.json(result.as_json())
     else:
         _render(result, show_all)
     if not result.ok:
         if not json_out:
             for problem in result.problems():
-                out.err_console.print(f"[red]problem:[/red] {out.plain(problem)}", soft_wrap=True, highlight=False)
+                out.problem(problem)
         raise typer.Exit(1)
 
 
 def _render(result, show_all: bool) -> None:
-    from loratools.cli import output as out
+    from loratools.cli.output import out
 
     # Against a base of another architecture every module is listed as a problem; the
     # architecture line says it all, so show a sample instead of a screenful.
@@ -64,35 +64,34 @@ def _render(result, show_all: bool) -> None:
     _listing(f"unmatched modules ({len(unmatched)}): no base weight has these names", unmatched, limit)
     shape = [m for m in result.modules if m.status == "shape"]
     if shape:
-        out.console.print(out.table(f"shape mismatches ({len(shape)})", ["module", "base weight", "adapter", "base"],
-                                    [(m.name, _where(m), _shape(m.adapter_shape), _shape(m.base_shape))
-                                     for m in shape[:limit]]))
+        out.show(out.table(f"shape mismatches ({len(shape)})", ["module", "base weight", "adapter", "base"],
+                           [(m.name, _where(m), _shape(m.adapter_shape), _shape(m.base_shape))
+                            for m in shape[:limit]]))
     groups: dict[str, list[str]] = {}
     for m in result.modules:
         if m.status == "duplicate":
             groups.setdefault(_where(m), []).append(m.name)
     if groups:
-        out.console.print(out.table(f"weights changed by more than one module ({len(groups)})",
-                                    ["base weight", "modules"],
-                                    [(w, "\n".join(names)) for w, names in list(groups.items())[:limit]]))
+        out.show(out.table(f"weights changed by more than one module ({len(groups)})", ["base weight", "modules"],
+                           [(w, "\n".join(names)) for w, names in list(groups.items())[:limit]]))
     _listing(f"keys of no known adapter type ({len(result.unknown_keys)})", result.unknown_keys, limit)
     if show_all:
         good = [(m.name, _where(m), _shape(m.base_shape)) for m in result.modules if m.status == "ok"]
         if good:
-            out.console.print(out.table("modules that apply", ["module", "base weight", "shape"], good))
-    out.console.print(out.plain(result.summary))
+            out.show(out.table("modules that apply", ["module", "base weight", "shape"], good))
+    out.print(result.summary)
 
 
 def _listing(title: str, names: list[str], limit: int | None) -> None:
-    from loratools.cli import output as out
+    from loratools.cli.output import out
 
     if not names:
         return
-    out.console.print(out.plain(title))
+    out.print(title)
     for name in names[:limit]:
-        out.console.print(f"  {out.plain(name)}", soft_wrap=True)
+        out.print(f"  {name}")
     if limit is not None and len(names) > limit:
-        out.console.print(f"  ... and {len(names) - limit} more (--all lists them)")
+        out.print(f"  ... and {len(names) - limit} more (--all lists them)")
 
 
 def _where(m) -> str:

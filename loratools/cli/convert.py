@@ -40,17 +40,18 @@ def convert(
 
     result = run(ConvertOptions(input=lora, output=output, to=to, arch=arch, base=base, dtype=dtype,
                                 overwrite=overwrite))
-    from loratools.cli.output import console, human_bytes, print_json, table, warn
+    from loratools.cli.output import out
+    from loratools.units import human_bytes
 
     for message in result.warnings:
-        warn(message)
+        out.warn(message)
     if json_out:
         from dataclasses import asdict
 
-        print_json(asdict(result))
+        out.json(asdict(result))
         return
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(result.kinds.items()))
-    console.print(table(None, ("", ""), [
+    out.show(out.key_values(None, [
         ("input", f"{result.input} ({result.source_naming} names)"),
         ("output", f"{result.output} ({result.to} names, {human_bytes(result.bytes)})"),
         ("architecture", result.arch),

@@ -50,7 +50,7 @@ def demo(
     json_out: JsonOpt = False,
 ) -> None:
     """Run the demo (see the help above)."""
-    from loratools.cli import output as out
+    from loratools.cli.output import out
     from loratools.ops.demo import DemoOptions, run_demo
 
     options = DemoOptions(output_dir=output_dir, arch=arch.lower(), steps=steps, quick=quick, overwrite=overwrite)
@@ -59,7 +59,7 @@ def demo(
     with contextlib.redirect_stdout(sys.stderr):
         result = run_demo(options, progress=out.info)
     if json_out:
-        out.print_json(result.to_json())
+        out.json(result.to_json())
         return
     _render(result)
 
@@ -72,10 +72,10 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _render(r: DemoResult) -> None:
-    from loratools.cli import output as out
+    from loratools.cli.output import out
+    from loratools.units import human_bytes as hb, size_change
 
     root = r.output_dir
-    hb = out.human_bytes
     where = [
         ("base", "single-file checkpoint", _rel(r.base.single_file, root)),
         ("base", "diffusers folder", _rel(r.base.diffusers_dir, root) + "/"),
@@ -91,7 +91,8 @@ def _render(r: DemoResult) -> None:
     ]
     for message in r.train.warnings:
         out.warn(f"train: {message}")
-    out.console.print(out.table(f"Where everything is (in {root})", ["step", "what", "path"], where))
+    out.show(out.table(f"Where everything is (in {root})", ["path", "what"],
+                       [(path, f"{step}: {what}") for step, what, path in where], wrap=("what",)))
 
     first, last = r.train.loss_window()
     n = max(1, len(r.train.losses) // 4)
@@ -105,8 +106,8 @@ def _render(r: DemoResult) -> None:
                     f"e.g. \"{r.dataset.example_caption}\""),
         ("train", f"{r.train.network}: {r.train.steps} steps, loss {first:.4f} -> {last:.4f} (mean of first/last "
                   f"{n} steps), {r.train.modules} modules, {hb(r.train.bytes)}, {len(r.train.samples)} sample images"),
-        *(("resize", f"{x.recipe}: rank {x.rank_before} -> {x.rank_after}, {hb(x.bytes_before)} -> "
-                     f"{hb(x.bytes_after)}, Frobenius {100 * x.fro_retained:.1f} % kept, {x.layers_dropped} "
+        *(("resize", f"{x.recipe}: rank {x.rank_before} -> {x.rank_after}, "
+                     f"{size_change(x.bytes_before, x.bytes_after)}, Frobenius {100 * x.fro_retained:.1f} % kept, {x.layers_dropped} "
                      "layers dropped" + ("" if x.status == "written" else f" ({x.status})"))
           for x in r.resized),
         *(("check", f"{c.path.name}: " + "; ".join(c.explanations)) for c in r.checks),
@@ -122,11 +123,11 @@ def _render(r: DemoResult) -> None:
     for step, text in produced:  # each step's time on its first row
         rows.append((step, text, "" if step in seen else f"{r.steps_seconds.get(step, 0.0):.1f}"))
         seen.add(step)
-    out.console.print(out.table("What each step produced", ["step", "result", "s"], rows, justify_right=["s"]))
+    out.show(out.table("What each step produced", ["step", "result", "s"], rows, justify_right=["s"], wrap=("result",)))
 
     commands = [("train", r.train.command), ("resize", r.resize_command), ("check", r.check_command),
                 ("merge", r.merge.command), ("metadata", r.metadata.command)]
-    out.console.print(out.table("Each step on your own files", ["step", "command"], commands))
-    out.console.print(f"done in {r.seconds:.0f} s. The tiny models have random weights, so their images are "
-                      "noise patterns; what to look at is how each step's files and numbers change. To run the "
-                      "same steps on a real model, use the commands above with your own files.", soft_wrap=True)
+    out.show(out.table("Each step on your own files", ["step", "command"], commands, wrap=("command",)))
+    out.print(f"done in {r.seconds:.0f} s. The tiny models have random weights, so their images are noise patterns; "
+              "what to look at is how each step's files and numbers change. To run the same steps on a real model, "
+              "use the commands above with your own files.")

@@ -2,6 +2,12 @@
 
 Only wiring: arguments become ``MergeOptions`` / ``LoraMergeOptions``, the operation runs, and the
 result is rendered; the ops module is imported inside the command so ``--help`` stays instant.
+
+sd-scripts' ``merge_lora.py`` / ``sdxl_merge_lora.py`` / ``svd_merge_lora.py`` command lines work as
+they are: ``--sd_model`` is BASE, ``--models a b`` and ``--ratios 0.7 0.3`` take space-separated
+lists, no ``--sd_model`` (or ``--concat``) combines the LoRAs into one, and ``--new_rank`` /
+``--new_conv_rank`` re-compress that combination as ``svd_merge_lora.py`` does. Flags that change
+nothing here say so.
 """
 
 from __future__ import annotations
@@ -12,63 +18,143 @@ from typing import Annotated, Optional
 
 import typer
 
-from loratools.cli.options import JsonOpt, OverwriteOpt
+from loratools.cli.options import JsonOpt, ListOptionsCommand, OverwriteOpt
 
 _EXAMPLES = """
 Examples:
 
-  loratools merge sdxl.safetensors style.safetensors:0.8 char.safetensors:0.5 -o merged.safetensors
+\b
+loratools merge sdxl.safetensors style.safetensors:0.8 char.safetensors:0.5 \\
+    -o merged.safetensors
+loratools merge "C:\\models\\sd15.safetensors" "C:\\loras\\a,b.safetensors" \\
+    --ratio 0.7 -o out.safetensors
+loratools merge sd15-diffusers/ lora.safetensors -o sd15-merged/ --verify
+loratools merge --to-lora style.safetensors:0.6 detail.safetensors:0.4 \\
+    -o both.safetensors
+loratools merge --to-lora a.safetensors b.safetensors \\
+    -r fro_ckpt=1,thr=-3.55 --base sdxl.safetensors -o ab.safetensors
 
-  loratools merge "C:\\models\\sd15.safetensors" "C:\\loras\\a,b.safetensors" --ratio 0.7 -o out.safetensors
+sd-scripts' command lines work as they are (merge_lora.py, sdxl_merge_lora.py, svd_merge_lora.py):
 
-  loratools merge models/sd15-diffusers lora.safetensors -o models/sd15-merged --verify
-
-  loratools merge --to-lora style.safetensors:0.6 detail.safetensors:0.4 -o style+detail.safetensors
-
-  loratools merge --to-lora a.safetensors b.safetensors -r fro_ckpt=1,thr=-3.55 --base sdxl.safetensors -o ab.safetensors
+\b
+loratools merge --sd_model sd15.safetensors \\
+    --models a.safetensors b.safetensors --ratios 0.7 0.3 \\
+    --save_to merged.safetensors --save_precision fp16
+loratools merge --models a.safetensors b.safetensors --ratios 0.7 0.3 \\
+    --concat --save_to ab.safetensors
+loratools merge --models a.safetensors b.safetensors --ratios 0.7 0.3 \\
+    --new_rank 32 --save_to ab.safetensors --device cuda
 """
 
 
+class _MergeCommand(ListOptionsCommand):
+    LIST_OPTIONS = frozenset({"--models", "--ratios", "--lbws"})
+
+
 def merge(
-    inputs: Annotated[list[str], typer.Argument(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        metavar="PATH[:RATIO]",
         help="BASE then LORA[:RATIO]... (with --to-lora: LORA[:WEIGHT]... only). BASE is a .safetensors/"
              ".ckpt checkpoint or a diffusers folder. A path that exists is never split, so Windows drive "
-             "letters and commas in names are safe.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file (a folder for a "
-                                         "diffusers base).", show_default=False)],
+             "letters and commas in names are safe.", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", "--save_to", "--save-to", metavar="PATH",
+        help="Output .safetensors file (a folder for a diffusers base).", show_default=False)] = None,
     ratio: Annotated[Optional[list[str]], typer.Option(
-        "--ratio", help="Ratios instead of the :RATIO suffix: one per adapter (repeat, or 0.7,0.3) or one for "
-                        "all.")] = None,
+        "--ratio", "--ratios", metavar="R", help="Ratios instead of the :RATIO suffix: one per adapter (--ratios "
+        "0.7 0.3, or 0.7,0.3, or repeat) or one for all.")] = None,
+    sd_model: Annotated[Optional[Path], typer.Option(
+        "--sd_model", "--sd-model", metavar="BASE", help="sd-scripts' spelling of BASE.", show_default=False)] = None,
+    models: Annotated[Optional[list[str]], typer.Option(
+        "--models", metavar="LORA", help="sd-scripts' spelling of the adapters: --models a.safetensors "
+        "b.safetensors (every value up to the next option). Without BASE / --sd_model the adapters are "
+        "combined into one LoRA, as sd-scripts does.", show_default=False)] = None,
     to_lora: Annotated[bool, typer.Option("--to-lora", help="Combine adapters into one adapter (exact rank "
                                           "concatenation) instead of merging into a checkpoint.")] = False,
+    concat: Annotated[bool, typer.Option(
+        "--concat", help="sd-scripts: combine LoRAs by rank concatenation; the same as --to-lora.")] = False,
     dtype: Annotated[Optional[str], typer.Option(
-        "--dtype", help="fp16, bf16 or fp32 for every float tensor written (default: keep each tensor's).")] = None,
+        "--dtype", "--save_precision", "--save-precision", metavar="DTYPE",
+        help="fp16, bf16 or fp32 (sd-scripts: float) for every float tensor written (default: keep each "
+             "tensor's).")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        "--precision", metavar="DTYPE", help="sd-scripts' compute precision; loratools always computes in "
+        "float32, so this changes nothing.", show_default=False)] = None,
+    new_rank: Annotated[Optional[int], typer.Option(
+        "--new_rank", "--new-rank", metavar="N", help="svd_merge_lora.py: combine the LoRAs and re-compress "
+        "to rank N (--to-lora -r rank=N).", show_default=False)] = None,
+    new_conv_rank: Annotated[Optional[int], typer.Option(
+        "--new_conv_rank", "--new-conv-rank", metavar="N", help="svd_merge_lora.py: rank of k x k conv layers "
+        "(default: --new_rank).", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", metavar="DEVICE", help="Device for the decompositions of a re-compressed LoRA merge (cpu, "
+        "cuda); merges into a checkpoint stream on the CPU.", show_default=False)] = None,
     allow_unmatched: Annotated[bool, typer.Option(
         "--allow-unmatched", help="Merge the modules that match and report the others instead of refusing.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Re-open the output and check sampled modules: "
                                          "merged - base must equal the intended delta.")] = False,
-    title: Annotated[Optional[str], typer.Option("--title", help="modelspec.title of the output "
+    title: Annotated[Optional[str], typer.Option("--title", metavar="TEXT", help="modelspec.title of the output "
                                                  "(default: output file stem).")] = None,
     te_scale: Annotated[float, typer.Option(
-        "--te-scale", help="Multiply every ratio by this for text-encoder modules (A1111/ComfyUI's separate "
-                           "TE strength); 0 merges the UNet part only.")] = 1.0,
+        "--te-scale", metavar="X", help="Multiply every ratio by this for text-encoder modules (A1111/ComfyUI's "
+        "separate TE strength); 0 merges the UNet part only.")] = 1.0,
     recipe: Annotated[Optional[str], typer.Option(
-        "--recipe", "-r", help="With --to-lora: re-compress the exact combination with a resize recipe "
-                               "(e.g. fro_lora=1,size=64 or sv_fro=0.9); several recipes with ':' need an "
-                               "output folder.")] = None,
+        "--recipe", "-r", metavar="RECIPE", help="With --to-lora: re-compress the exact combination with a "
+        "resize recipe (e.g. fro_lora=1,size=64 or sv_fro=0.9); several recipes with ':' need an output "
+        "folder.")] = None,
     base_model: Annotated[Optional[Path], typer.Option(
-        "--base", help="With --to-lora -r: the checkpoint for recipe scores that need it (fro_ckpt, ...).")] = None,
+        "--base", metavar="MODEL", help="With --to-lora -r: the checkpoint for recipe scores that need it "
+        "(fro_ckpt, ...).")] = None,
+    v2: Annotated[bool, typer.Option("--v2", "--sd2", help="sd-scripts: SD2 model; the architecture is "
+                                     "detected from the files, so this changes nothing.")] = False,
+    no_metadata: Annotated[bool, typer.Option(
+        "--no_metadata", "--no-metadata", help="sd-scripts: write no modelspec; changes nothing here (remove keys "
+        "afterwards with loratools metadata delete).")] = False,
+    shuffle: Annotated[bool, typer.Option(
+        "--shuffle", help="sd-scripts: permute the rank dimensions of the result; every delta stays the "
+        "same, so this changes nothing.")] = False,
+    lbws: Annotated[Optional[list[str]], typer.Option("--lbws", hidden=True)] = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Merge LoRA/LyCORIS adapters into a checkpoint (streaming, any adapter type), or into one LoRA.
 
     Strict by default: modules matching no base weight, an architecture mismatch or NaN in an adapter
-    stop the merge before anything is written. The last line says how many modules of each adapter
+    stop the merge before anything is written. The last lines say how many modules of each adapter
     were applied.
     """
+    from loratools.cli.output import out
     from loratools.errors import UsageError
     from loratools.ops.merge import resolve_inputs
+
+    positional = list(inputs or [])
+    if lbws:
+        raise UsageError("--lbws (per-block weights) is not supported; merge with one ratio per LoRA "
+                         "(--ratios), or --te-scale for the text-encoder part")
+    if output is None:
+        raise UsageError("give the output with -o PATH (sd-scripts: --save_to)")
+    svd = new_rank is not None or new_conv_rank is not None
+    if sd_model is not None:
+        if to_lora or concat or svd:
+            raise UsageError("--sd_model merges into a checkpoint; drop it to combine LoRAs "
+                             "(--to-lora, --concat, --new_rank)")
+        positional.insert(0, str(sd_model))
+    elif models and not positional:
+        to_lora = True  # sd-scripts: without --sd_model the LoRAs are merged into one LoRA
+        if not concat and not svd:
+            out.info("combining the LoRAs exactly (rank concatenation, sd-scripts' --concat); sd-scripts without "
+                     "--concat adds their factors instead, which only approximates the weighted sum")
+    positional += list(models or [])
+    to_lora = to_lora or concat or svd
+    if svd:
+        if recipe is not None:
+            raise UsageError("--new_rank and -r both choose the re-compression; keep one")
+        from loratools.ops.resize import kohya_recipe
+
+        rank = new_rank if new_rank is not None else new_conv_rank
+        recipe = kohya_recipe(new_rank=rank, new_conv_rank=new_conv_rank, dynamic_method=None, dynamic_param=None)
+    for note in _no_effect(precision, v2, no_metadata, shuffle, device, to_lora and recipe is not None):
+        out.warn(note)
 
     if to_lora:
         if verify:
@@ -77,36 +163,68 @@ def merge(
             raise UsageError("--te-scale applies to merges into a checkpoint; scale the inputs with :WEIGHT instead")
         if base_model is not None and recipe is None:
             raise UsageError("--base is only used with -r RECIPE (recipe scores against the checkpoint)")
-        _to_lora(resolve_inputs(inputs, ratio), output, dtype, allow_unmatched, overwrite, title, recipe,
-                 base_model, json_out)
+        if not positional:
+            raise UsageError("give the LoRA files to combine (or --models a.safetensors b.safetensors)")
+        _to_lora(resolve_inputs(positional, ratio), output, dtype, allow_unmatched, overwrite, title, recipe,
+                 base_model, device or "cpu", json_out)
         return
     if recipe is not None or base_model is not None:
         raise UsageError("-r/--base re-compress a LoRA+LoRA merge; add --to-lora, or drop them")
-    if len(inputs) < 2:
+    if len(positional) < 2:
         raise UsageError("give BASE and at least one LORA (or --to-lora with adapters only)")
-    base, *adapters = inputs
+    base, *adapters = positional
     _checkpoint(Path(base), resolve_inputs(adapters, ratio), output, dtype, allow_unmatched, overwrite,
                 verify, title, te_scale, json_out)
 
 
-def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verify, title, te_scale, json_out) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+def _no_effect(precision: str | None, v2: bool, no_metadata: bool, shuffle: bool, device: str | None,
+               decomposes: bool) -> list[str]:
+    """One line for each sd-scripts flag given that changes nothing here (an unknown precision name is an
+    error, as in sd-scripts)."""
+    from loratools.errors import UsageError
+    from loratools.io.dtypes import PRECISION_NAMES
 
-    from loratools.cli import output as out
+    notes = []
+    if precision is not None:
+        if precision.strip().lower() not in PRECISION_NAMES:
+            raise UsageError(f"--precision {precision!r}: use float, fp16 or bf16")
+        if PRECISION_NAMES[precision.strip().lower()] != "float32":
+            notes.append(f"--precision {precision} changes nothing: loratools computes every delta in float32 "
+                         "(use --save_precision / --dtype for the file)")
+    if v2:
+        notes.append("--v2 changes nothing: the architecture is detected from the files")
+    if no_metadata:
+        notes.append("--no_metadata changes nothing: loratools always records what was merged "
+                     "(loratools metadata delete removes keys)")
+    if shuffle:
+        notes.append("--shuffle changes nothing: permuting the rank dimensions leaves every delta the same")
+    if device is not None and device != "cpu" and not decomposes:
+        notes.append(f"--device {device} changes nothing: only a re-compressed LoRA merge (--new_rank, -r) "
+                     "decomposes; merges stream on the CPU")
+    return notes
+
+
+def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verify, title, te_scale, json_out) -> None:
+    from loratools.cli.output import out
+    from loratools.units import human_bytes
     from loratools.ops.merge import MergeOptions, merge_checkpoint
 
     opts = MergeOptions(base=base, adapters=adapters, output=output, dtype=dtype, allow_unmatched=allow_unmatched,
                         overwrite=overwrite, verify=verify, title=title, te_scale=te_scale,
                         sha256=json_out)  # --json reports each file's sha256/AutoV2: hash while writing
-    with Progress("merging", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=out.err_console,
-                  transient=True, disable=json_out) as bar:
-        task = bar.add_task("merge", total=None)
-        result = merge_checkpoint(opts, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with out.progress(disable=json_out) as bar:
+        task = bar.add_task("reading the inputs", total=None)
+
+        def progress(done: int, total: int) -> None:
+            what = "merging" if done < total else "verifying" if verify else "finishing"
+            bar.update(task, description=what, completed=done, total=total)
+
+        result = merge_checkpoint(opts, progress=progress)
     verified = result.verified
     if json_out:
-        out.print_json({
+        out.json({
             "output": str(result.output), "layout": result.layout, "arch": result.arch,
-            "patched_keys": result.patched_keys, "copied_keys": result.copied_keys,
+            "patched_keys": result.patched_keys, "copied_keys": result.copied_keys, "fused_keys": result.fused_keys,
             "files": [{"path": str(f.path), "size": f.size, "sha256": f.sha256, "autov2": f.autov2}
                       for f in result.files],
             "adapters": [{"path": str(a.path), "ratio": a.ratio, "applied": a.applied, "modules": a.modules,
@@ -120,40 +238,44 @@ def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verif
             for name in a.unmatched:
                 out.warn(f"{a.path.name}: not merged: {name}")
         if result.verify is not None:
-            out.console.print(out.table(
-                "verify (merged - base vs intended delta)", ["adapter", "module", "max error", "max |delta|", "ok"],
-                [(r.adapter, r.module, f"{r.max_error:.3g}", f"{r.max_delta:.3g}", "yes" if r.ok else "NO")
+            out.show(out.table(
+                "verify (merged - base vs intended delta)", ["module", "adapter", "max error", "max |delta|", "ok"],
+                [(r.module, r.adapter, f"{r.max_error:.3g}", f"{r.max_delta:.3g}", "yes" if r.ok else "NO")
                  for r in result.verify], justify_right=("max error", "max |delta|")))
         size = sum(f.size for f in result.files)
-        out.console.print(f"wrote {result.output} ({result.arch}, {result.layout}, {out.human_bytes(size)}): "
-                          f"{result.patched_keys} tensors patched, {result.copied_keys} copied")
+        out.print(f"wrote {result.output} ({result.arch}, {result.layout}, {human_bytes(size)}): "
+                  f"{result.patched_keys} tensors patched, {result.copied_keys} copied")
+        if result.fused_keys:
+            out.print(f"({result.fused_keys} of them are text encoder 2's fused q/k/v in_proj_weight tensors, each "
+                      "patched by 3 modules; a diffusers folder stores q, k and v apart)")
         for a in result.adapters:
-            out.console.print(f"{a.path.name} (ratio {a.ratio:g}): applied {a.applied}/{a.modules} modules")
+            out.print(f"{a.path.name} (ratio {a.ratio:g}): applied {a.applied}/{a.modules} modules")
     if verified is False:
-        out.err_console.print("[red]verification failed[/red]: the written file does not hold the intended "
-                              "deltas (see the table); please report this")
+        out.problem("verification failed: the written file does not hold the intended deltas (see the table); "
+                    "please report this")
         raise typer.Exit(1)
 
 
-def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe, base, json_out) -> None:
-    from loratools.cli import output as out
+def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe, base, device, json_out) -> None:
+    from loratools.cli.output import out
+    from loratools.units import human_bytes
     from loratools.ops.merge import LoraMergeOptions, merge_loras
 
     result = merge_loras(LoraMergeOptions(adapters=adapters, output=output, dtype=dtype,
                                           allow_unmatched=allow_unmatched, overwrite=overwrite, title=title,
-                                          recipe=recipe, base=base))
+                                          recipe=recipe, base=base, device=device))
     ranks = result.ranks
     resized = [] if result.resized is None else result.resized.outcomes
     if json_out:
-        out.print_json({"output": str(result.output), "arch": result.arch, "modules": result.modules,
-                        "kinds": result.kinds, "max_rank": max(ranks) if ranks else None,
-                        "inputs": [r.as_json() for r in result.inputs], "omitted": result.omitted,
-                        "dropped": result.dropped, "warnings": result.warnings,
-                        "size": result.file.size if result.file else None,
-                        "sshs_model_hash": result.file.sshs_model_hash if result.file else None,
-                        "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
-                                          "rank_after": o.rank_after, "size_after": o.size_after,
-                                          "fro_retained": o.fro_retained} for o in resized]})
+        out.json({"output": str(result.output), "arch": result.arch, "modules": result.modules,
+                  "kinds": result.kinds, "max_rank": max(ranks) if ranks else None,
+                  "inputs": [r.as_json() for r in result.inputs], "omitted": result.omitted,
+                  "dropped": result.dropped, "warnings": result.warnings,
+                  "size": result.file.size if result.file else None,
+                  "sshs_model_hash": result.file.sshs_model_hash if result.file else None,
+                  "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
+                                    "rank_after": o.rank_after, "size_after": o.size_after,
+                                    "fro_retained": o.fro_retained} for o in resized]})
         return
     for note in result.warnings:
         out.warn(note)
@@ -164,16 +286,17 @@ def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe,
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.kinds.items()))
     rank_text = f", ranks {min(ranks)}-{max(ranks)}" if ranks else ""
     if result.file is not None:
-        out.console.print(f"wrote {result.output} ({result.arch}, {out.human_bytes(result.file.size)}): "
-                          f"{result.modules} modules ({kinds}{rank_text})")
+        out.print(f"wrote {result.output} ({result.arch}, {human_bytes(result.file.size)}): "
+                  f"{result.modules} modules ({kinds}{rank_text})")
     else:
-        out.console.print(f"combined {result.modules} modules ({kinds}{rank_text}), re-compressed:")
+        out.print(f"combined {result.modules} modules ({kinds}{rank_text}), re-compressed:")
     for o in resized:
-        out.console.print(o.summary_line())
+        out.print(o.summary_line())
     for r in result.inputs:
-        out.console.print(f"{r.path.name} (weight {r.ratio:g}): applied {r.applied}/{r.modules} modules")
+        out.print(f"{r.path.name} (weight {r.ratio:g}): applied {r.applied}/{r.modules} modules")
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the main app."""
-    app.command("merge", help=inspect.cleandoc(merge.__doc__ or "") + "\n" + _EXAMPLES, no_args_is_help=True)(merge)
+    app.command("merge", cls=_MergeCommand, help=inspect.cleandoc(merge.__doc__ or "") + "\n" + _EXAMPLES,
+                no_args_is_help=True)(merge)

@@ -18,60 +18,58 @@ app = typer.Typer(
     help="Read and edit safetensors metadata (sd-scripts ss_*, modelspec, sshs hashes).\n\n"
     "Example: loratools metadata show my_lora.safetensors",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
-FilesArg = Annotated[list[Path], typer.Argument(help="One or more .safetensors files.", show_default=False)]
-FileArg = Annotated[Path, typer.Argument(help="A .safetensors file.", show_default=False)]
+FileArg = Annotated[Path, typer.Argument(help="A .safetensors file.", show_default=False, metavar="FILE")]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Replace the input file (atomically).")]
 
 
 @app.command()
 def show(
-    files: FilesArg,
+    files: Annotated[Optional[list[Path]], typer.Argument(help="One or more .safetensors files.", metavar="FILE",
+                                                          show_default=False)] = None,
+    model: Annotated[Optional[list[Path]], typer.Option(
+        "--model", metavar="FILE", help="sd-scripts' show_metadata.py spelling of FILE.", show_default=False)] = None,
     json_out: JsonOpt = False,
     top_tags: Annotated[int, typer.Option("--top-tags", min=0, help="Trigger-word candidates to list.")] = 12,
     keys: Annotated[bool, typer.Option("--keys", help="Also list every tensor with dtype and shape.")] = False,
 ) -> None:
     """Summarise adapters: architecture, types, ranks, training record, trigger words.
 
-    Reads only the header (and alpha scalars), so it is instant on multi-GB files.
+    Reads only the header (and alpha scalars), so it is instant on multi-GB files. sd-scripts'
+    show_metadata.py prints the raw keys: that is loratools metadata dump.
 
     Example: loratools metadata show lora.safetensors --json
     """
+    from loratools.cli.output import out
+    from loratools.errors import UsageError
     from loratools.ops.metadata import summarize
 
-    summaries = [summarize(f, top_tags=top_tags) for f in files]
+    paths = [*(files or []), *(model or [])]
+    if not paths:
+        raise UsageError("give the .safetensors file(s) to show (sd-scripts: --model FILE)")
+    summaries = [summarize(f, top_tags=top_tags) for f in paths]
     if json_out:
-        from loratools.cli.output import print_json
-
         docs = [s.to_json(keys=keys) for s in summaries]
-        print_json(docs[0] if len(docs) == 1 else docs)
+        out.json(docs[0] if len(docs) == 1 else docs)
         return
     for s in summaries:
         _render_summary(s)
         if keys:
-            from loratools.cli.output import console, table
-
-            console.print(table("Tensors", ["name", "dtype", "shape"],
-                                [(n, d, "x".join(map(str, sh)) or "scalar") for n, d, sh in s.tensors]))
+            out.show(out.table("Tensors", ["name", "dtype", "shape"],
+                               [(n, d, "x".join(map(str, sh)) or "scalar") for n, d, sh in s.tensors]))
 
 
 def _render_summary(s: Any) -> None:
-    from rich.table import Table
-
-    from loratools.cli.output import console, human_bytes, plain
+    from loratools.cli.output import out, styled
+    from loratools.units import human_bytes
 
     def kv(title: str, rows: list[tuple[str, Any]]) -> None:
-        rows = [(k, v) for k, v in rows if v not in (None, "", {}, [])]
-        if not rows:
-            return
-        t = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
-        t.add_column(style="bold", no_wrap=True)
-        t.add_column(overflow="fold")
-        for k, v in rows:
-            t.add_row(plain(k), plain(_text(v)))
-        console.print(t)
-        console.print()
+        rows = [(k, _text(v)) for k, v in rows if v not in (None, "", {}, [])]
+        if rows:
+            out.show(out.key_values(title, rows))
+            out.print()
 
     def hist(d: dict[str, int]) -> str:
         return ", ".join(f"{k} x{v}" if len(d) > 1 else str(k) for k, v in d.items())
@@ -79,7 +77,7 @@ def _render_summary(s: Any) -> None:
     arch = s.arch_label or "unknown"
     if s.arch_source:
         arch += f" (from {s.arch_source})"
-    console.rule(f"[bold]{plain(s.path)}")
+    out.rule(str(s.path))
     kv("File", [
         ("size", f"{human_bytes(s.file_size)} ({s.file_size} bytes), header {human_bytes(s.header_size)}"),
         ("tensors", f"{s.tensor_count} ({hist(s.dtypes)})"),
@@ -104,7 +102,8 @@ def _render_summary(s: Any) -> None:
     kv("Comment", [("", s.comment)])
     kv("Model spec", list(s.modelspec.items()))
     if not s.raw:
-        console.print("[dim]no metadata[/dim]\n")
+        out.print(styled("no metadata", "dim"))
+        out.print()
 
 
 def _text(v: Any) -> str:
@@ -119,30 +118,30 @@ def dump(file: FileArg) -> None:
 
     Example: loratools metadata dump lora.safetensors > meta.json
     """
-    from loratools.cli.output import print_json
+    from loratools.cli.output import out
     from loratools.io.header import read_header
 
-    print_json(dict(sorted(read_header(file).metadata.items())))
+    out.json(dict(sorted(read_header(file).metadata.items())))
 
 
 def _report(result: Any, json_out: bool) -> None:
-    from loratools.cli.output import console, plain, print_json, table
+    from loratools.cli.output import out
 
     rows = [(c.key, c.action, c.reason, c.old, c.new) for c in result.changes]
     if json_out:
-        print_json({"source": str(result.source), "output": str(result.output),
+        out.json({"source": str(result.source), "output": str(result.output),
                     "changes": [c.__dict__ for c in result.changes],
                     "hashes_recomputed": result.hashes_recomputed,
                     "sshs_model_hash": result.written.sshs_model_hash,
                     "sshs_legacy_hash": result.written.sshs_legacy_hash})
         return
     if rows:
-        console.print(table(None, ["key", "change", "why", "old", "new"],
-                            [(k, a, w, _short(o), _short(n)) for k, a, w, o, n in rows]))
+        out.show(out.table(None, ["key", "change", "why", "old", "new"],
+                           [(k, a, w, _short(o), _short(n)) for k, a, w, o, n in rows], wrap=("why", "old", "new")))
     else:
-        console.print("no metadata changed")
+        out.print("no metadata changed")
     note = ", sshs hashes recomputed" if result.hashes_recomputed else ""
-    console.print(f"wrote {plain(result.output)}{note}")
+    out.print(f"wrote {result.output}{note}")
 
 
 def _short(v: str | None, n: int = 60) -> str | None:
@@ -153,7 +152,7 @@ def _short(v: str | None, n: int = 60) -> str | None:
 def set_(
     file: FileArg,
     assignments: Annotated[list[str], typer.Argument(help="KEY=VALUE pairs (KEY=@FILE reads a file).",
-                                                     show_default=False)],
+                                                     metavar="KEY=VALUE", show_default=False)],
     output: OutputOpt = None,
     in_place: InPlaceOpt = False,
     overwrite: OverwriteOpt = False,
@@ -174,7 +173,7 @@ def set_(
 @app.command()
 def delete(
     file: FileArg,
-    keys: Annotated[list[str], typer.Argument(help="Keys to remove.", show_default=False)],
+    keys: Annotated[list[str], typer.Argument(help="Keys to remove.", metavar="KEY", show_default=False)],
     output: OutputOpt = None,
     in_place: InPlaceOpt = False,
     overwrite: OverwriteOpt = False,

@@ -18,13 +18,20 @@ from loratools.cli.options import JsonOpt, OverwriteOpt
 _EXAMPLES = """
 Examples:
 
-  loratools resize -o out -r fro_ckpt=1,thr=-3.55 model.safetensors lora.safetensors
+\b
+loratools resize -o out -r fro_ckpt=1,thr=-3.55 \\
+    base.safetensors lora.safetensors
+loratools resize -b sd_xl_base_1.0.safetensors \\
+    -r "fro_ckpt=1,thr=-3.55:size=32" loras/ -o out
+loratools resize --dry-run -r sv_ratio=8,max_rank=32 \\
+    base.safetensors lora.safetensors
 
-  loratools resize -b sd_xl_base_1.0.safetensors -r "fro_ckpt=1,thr=-3.55:size=32" loras/ -o out
+sd-scripts' resize_lora.py flags work as they are:
 
-  loratools resize --dynamic_method sv_fro --dynamic_param 0.9 --save_precision fp16 "my lora.safetensors"
-
-  loratools resize --dry-run -r sv_ratio=8,max_rank=32 sdxl.safetensors lora.safetensors
+\b
+loratools resize --model lora.safetensors --save_to small.safetensors \\
+    --new_rank 32 --dynamic_method sv_fro --dynamic_param 0.9 \\
+    --save_precision fp16 --device cuda
 """
 
 _RECIPE_HELP = (
@@ -36,32 +43,33 @@ _RECIPE_HELP = (
 
 def resize(
     inputs: Annotated[Optional[list[str]], typer.Argument(
-        help="Base checkpoint (recognised by content; or use --base) and LoRA files, folders or globs.",
+        metavar="PATH", help="Base checkpoint (recognised by content; or use --base) and LoRA files, folders or globs.",
         show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", "--output_folder", "--output-folder", "--save_to", "--save-to",
+        "--output", "-o", "--output_folder", "--output-folder", "--save_to", "--save-to", metavar="PATH",
         help="Output folder (default: each LoRA's folder), or a .safetensors name for one LoRA and one recipe.",
         show_default=False)] = None,
-    base: Annotated[Optional[Path], typer.Option("--base", "-b", help="Base checkpoint (single file or "
-                                                 "diffusers folder).", show_default=False)] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", "-b", metavar="MODEL", help="Base checkpoint (single "
+                                                 "file or diffusers folder).", show_default=False)] = None,
     recipe: Annotated[Optional[list[str]], typer.Option(
-        "--recipe", "-r", "--score_recipes", "--score-recipes", help=_RECIPE_HELP, show_default=False)] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="sd-scripts spelling: the LoRA to resize.",
+        "--recipe", "-r", "--score_recipes", "--score-recipes", metavar="RECIPE", help=_RECIPE_HELP,
+        show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", metavar="LORA", help="sd-scripts spelling: the LoRA to resize.",
                                                   show_default=False)] = None,
     new_rank: Annotated[Optional[int], typer.Option(
-        "--new_rank", "--new-rank", help="sd-scripts: fixed rank, or the cap with --dynamic_method.",
+        "--new_rank", "--new-rank", metavar="N", help="sd-scripts: fixed rank, or the cap with --dynamic_method.",
         show_default=False)] = None,
     new_conv_rank: Annotated[Optional[int], typer.Option(
-        "--new_conv_rank", "--new-conv-rank", help="sd-scripts: rank (or cap) of k x k conv layers.",
+        "--new_conv_rank", "--new-conv-rank", metavar="N", help="sd-scripts: rank (or cap) of k x k conv layers.",
         show_default=False)] = None,
     dynamic_method: Annotated[Optional[str], typer.Option(
-        "--dynamic_method", "--dynamic-method", help="sd-scripts: sv_fro, sv_ratio or sv_cumulative.",
+        "--dynamic_method", "--dynamic-method", metavar="METHOD", help="sd-scripts: sv_fro, sv_ratio or sv_cumulative.",
         show_default=False)] = None,
     dynamic_param: Annotated[Optional[float], typer.Option(
-        "--dynamic_param", "--dynamic-param", help="sd-scripts: the dynamic method's parameter.",
+        "--dynamic_param", "--dynamic-param", metavar="X", help="sd-scripts: the dynamic method's parameter.",
         show_default=False)] = None,
     precision: Annotated[Optional[str], typer.Option(
-        "--save_precision", "--save-precision", "--dtype", "-t", "--output_dtype", "--output-dtype",
+        "--save_precision", "--save-precision", "--dtype", "-t", "--output_dtype", "--output-dtype", metavar="DTYPE",
         help="Factor precision: fp16, bf16, fp32 (also 16, 32, float). Default: the input's. Alphas are fp32.",
         show_default=False)] = None,
     kohya_compat: Annotated[bool, typer.Option(
@@ -71,9 +79,10 @@ def resize(
                                           "quantiles and predicted size; write nothing.")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
                                          help="Also print the per-layer table when writing.")] = 0,
-    device: Annotated[str, typer.Option("--device", "-d", help="Device for the decompositions (cpu, cuda).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", "-d", metavar="DEVICE",
+                                                  help="Device for the decompositions (cpu, cuda).")] = "cpu",
     cache_dir: Annotated[Optional[Path], typer.Option(
-        "--cache-dir", help="Folder of the base-norm cache (default: the user cache folder).",
+        "--cache-dir", metavar="FOLDER", help="Folder of the base-norm cache (default: the user cache folder).",
         show_default=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the base-norm cache.")] = False,
     overwrite: OverwriteOpt = False,
@@ -107,15 +116,12 @@ def resize(
 
 
 def _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dry_run, verbose, json_out) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from loratools.cli import output as out
+    from loratools.cli.output import out
 
     for p in skipped:
         out.info(f"skipping {p} (already a resize output)")
     results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=out.err_console, transient=True, disable=json_out) as bar:
+    with out.progress(disable=json_out) as bar:
         task = bar.add_task("resize", total=None)
 
         for lora in loras:
@@ -126,26 +132,28 @@ def _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dr
                             kohya_compat=kohya_compat, dry_run=dry_run, progress=progress)
             results.append(res)
             if not json_out:
-                _render(res, dry_run or verbose > 0, out)
+                _render(res, dry_run or verbose > 0)
     if json_out:
-        out.print_json([_as_json(r) for r in results])
+        out.json([_as_json(r) for r in results])
 
 
-def _render(res, tables: bool, out) -> None:
+def _render(res, tables: bool) -> None:
+    from loratools.cli.output import out
+    from loratools.units import human_bytes
+
     for note in res.warnings:
         out.warn(f"{res.path.name}: {note}")
     for o in res.outcomes:
         if tables and o.rows:
             rows = [(r.name, r.kind, r.old_rank, r.new_rank, f"{100 * r.rle_lora:.2f}%",
                      "-" if r.rle_ckpt is None else f"{100 * r.rle_ckpt:.3f}%") for r in o.rows]
-            out.console.print(out.table(f"{res.path.name}: {o.recipe}",
-                                        ["layer", "kind", "old", "new", "rle_lora", "rle_ckpt"], rows,
-                                        justify_right=("old", "new", "rle_lora", "rle_ckpt")))
+            out.show(out.table(f"{res.path.name}: {o.recipe}", ["layer", "kind", "old", "new", "rle_lora", "rle_ckpt"],
+                               rows, justify_right=("old", "new", "rle_lora", "rle_ckpt")))
             if o.quantiles:
-                out.console.print("score quantiles: " + " ".join(f"{q}:{v:.3f}" for q, v in o.quantiles.items()))
+                out.print("score quantiles: " + " ".join(f"{q}:{v:.3f}" for q, v in o.quantiles.items()))
             if o.status == "dry-run":
-                out.console.print(f"predicted size: {out.human_bytes(o.size_after)} ({o.size_after} bytes)")
-        out.console.print(o.summary_line(), soft_wrap=True)
+                out.print(f"predicted size: {human_bytes(o.size_after)} ({o.size_after} bytes)")
+        out.print(o.summary_line())
 
 
 def _num(v: float | None) -> float | None:

@@ -52,7 +52,7 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train (see the help above)."""
-    from loratools.cli.output import warn
+    from loratools.cli.output import out
     from trainer.config import resolve_config
 
     if list_flags:
@@ -65,7 +65,7 @@ def train(
         from trainer.config import config_to_toml
 
         for message in cfg.warnings:
-            warn(message)
+            out.warn(message)
         typer.echo(config_to_toml(cfg), nl=False)
         return
     if dry_run:
@@ -81,7 +81,7 @@ def train(
 
 
 def _dry_run(cfg: Any, json_out: bool) -> None:
-    from loratools.cli.output import console, print_json, table, warn
+    from loratools.cli.output import out
     from trainer.data.layout import build_layouts
     from trainer.data.steps import plan_for_layouts
 
@@ -95,8 +95,8 @@ def _dry_run(cfg: Any, json_out: bool) -> None:
                for n, layout in enumerate(layouts) for i, reso, count in layout.bucket_table()]
     if json_out:
         for message in cfg.warnings:
-            warn(message)
-        print_json({
+            out.warn(message)
+        out.json({
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.settings().items()},
             "provided": sorted(cfg.provided),
             "warnings": cfg.warnings,
@@ -107,27 +107,29 @@ def _dry_run(cfg: Any, json_out: bool) -> None:
         })
         return
     rows = [(name, _show(value)) for name, value in cfg.settings().items() if name in cfg.provided]
-    console.print(table("Configuration (recipe and flags)", ["option", "value"], rows))
-    console.print(table("Buckets", ["dataset", "bucket", "resolution", "count"],
-                        [(b["dataset"], b["bucket"], "x".join(map(str, b["resolution"])), b["count"]) for b in buckets],
-                        justify_right=["count"]))
-    console.print(table("Step arithmetic (sd-scripts)", ["", "value"], plan.summary_rows(), justify_right=["value"]))
-    console.print(table("Files a run writes", ["file"], [(o,) for o in outputs]))
+    out.show(out.table("Configuration (recipe and flags)", ["option", "value"], rows, wrap=("value",)))
+    out.show(out.table("Buckets", ["dataset", "bucket", "resolution", "count"],
+                       [(b["dataset"], b["bucket"], "x".join(map(str, b["resolution"])), b["count"]) for b in buckets],
+                       justify_right=["count"]))
+    out.show(out.key_values("Step arithmetic (sd-scripts)", plan.summary_rows()))
+    out.show(out.table("Files a run writes", ["file"], [(o,) for o in outputs]))
     for message in cfg.warnings:
-        warn(message)
+        out.warn(message)
 
 
 def _list_flags(json_out: bool) -> None:
-    from loratools.cli.output import console, print_json, table
+    from loratools.cli.output import out
     from trainer.config import TrainConfig, config_fields
 
     defaults = TrainConfig()
     rows = [(f.metadata["group"], f"--{name}", _show(getattr(defaults, name)), f.metadata["help"])
             for name, f in config_fields().items()]
     if json_out:
-        print_json([dict(zip(("group", "flag", "default", "help"), r)) for r in rows])
+        out.json([dict(zip(("group", "flag", "default", "help"), r)) for r in rows])
         return
-    console.print(table("sd-scripts flags accepted by loratools train", ["group", "flag", "default", "help"], rows))
+    out.show(out.table("sd-scripts flags accepted by loratools train", ["flag", "group", "default", "help"],
+                       [(flag, group, default, text) for group, flag, default, text in rows],
+                       wrap=("default", "help")))
 
 
 def _show(value: Any) -> str:

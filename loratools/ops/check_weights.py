@@ -12,6 +12,15 @@ Statuses: ``nan`` (NaN/Inf in any factor or in the delta), ``dead`` (the weight 
 zero), ``underflow`` (most nonzero values of a factor are below fp16's smallest normal or flush to
 zero in fp16: the module is losing precision or will die when saved in fp16), else ``ok``.
 
+Each finding is either *expected* (nothing to do: the unused text-encoder layers above, or an
+underflow whose cost is negligible) or a *problem* (with what to do). How much an underflow costs
+is measured, not guessed: ``fp16_loss`` is the relative change of the module's delta that fp16
+storage causes below fp16's normal range (first order, sqrt of the factors' summed squared relative
+errors): for an fp16 file the bound of the rounding already done (half a subnormal step per value),
+for an fp32/bf16 file the exact change a cast to fp16 would make. Below ``CheckOptions.
+underflow_tolerance`` (1 %) the finding is expected; a LoRA whose small up factor sits just under
+6.1e-5 loses a few hundredths of a percent and is fine.
+
 The delta's Frobenius norm comes from the factors: for LoRA/LoCon
 ``||s U D||_F = |s| sqrt(sum((U^T U) * (D D^T)))`` with r x r Gram matrices, so even a 10240 x 1280
 SDXL layer costs two thin matmuls. Other types are small per module and use ``delta()``.
@@ -39,17 +48,20 @@ STATUSES = ("ok", "dead", "nan", "underflow")
 FAILABLE = STATUSES[1:]  # an ``ok`` module never fails a check
 FP16_TINY = 2.0 ** -14  # smallest normal fp16, 6.1e-5
 FP16_FLUSH = 2.0 ** -25  # |x| <= this rounds to 0 in fp16 (half the smallest subnormal, ties to even)
+_FP16_HALF_STEP = 2.0 ** -25  # largest rounding error of an fp16 subnormal
 _TE_LAYER = re.compile(r"^lora_te([12]?)_text_model_encoder_layers_(\d+)_")
 
 
 @dataclass(frozen=True)
 class CheckOptions:
-    """``fail_on``: statuses that make the check fail (expected dead modules never do).
+    """``fail_on``: statuses that make the check fail (expected findings never do).
     ``underflow_fraction``: share of a factor's nonzero values in fp16's subnormal/flush range
-    above which a module is ``underflow``."""
+    above which a module is ``underflow``. ``underflow_tolerance``: relative change of the delta
+    from fp16 storage (``fp16_loss``) up to which an underflow is expected, not a problem."""
 
     fail_on: frozenset[str] = frozenset({"dead", "nan", "underflow"})
     underflow_fraction: float = 0.5
+    underflow_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         bad = set(self.fail_on) - set(FAILABLE)
@@ -90,8 +102,9 @@ class ModuleCheck:
     scale: float | None
     delta_norm: float | None
     status: str
-    expected: str | None = None  # why a dead module is expected, if it is
+    expected: str | None = None  # why this finding needs no action (unused layer, harmless underflow)
     note: str | None = None
+    fp16_loss: float | None = None  # underflow only: relative change of the delta from fp16 storage
 
     @property
     def problem(self) -> bool:
@@ -107,14 +120,18 @@ class WeightsReport:
     clip_skip: int | None
     modules: list[ModuleCheck]
     unknown_keys: list[str]
-    explanations: list[str] = field(default_factory=list)
+    explanations: list[str] = field(default_factory=list)  # ``expected`` then ``problems``
     counts: dict[str, int] = field(default_factory=dict)
     failed: bool = False
     warnings: list[str] = field(default_factory=list)  # the parser's (``AdapterFile.warnings``)
+    expected: list[str] = field(default_factory=list)  # findings that need no action, and why
+    problems: list[str] = field(default_factory=list)  # findings to act on, each saying what to do
+    verdict: str = ""  # one line: OK / FAILED, and why
 
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "arch": self.arch, "clip_skip": self.clip_skip, "failed": self.failed,
-                "counts": self.counts, "explanations": self.explanations, "warnings": self.warnings,
+                "verdict": self.verdict, "counts": self.counts, "explanations": self.explanations,
+                "expected": self.expected, "problems": self.problems, "warnings": self.warnings,
                 "unknown_keys": self.unknown_keys, "modules": [_module_json(m) for m in self.modules]}
 
 
@@ -196,7 +213,7 @@ def _expected_dead(name: str, arch: str | None, clip_skip: int | None, last_laye
     if last is None:
         return None
     if arch == "sdxl" and te == "1" and layer == last:
-        return f"SDXL text encoder 1 layer {layer} is never used (sd-scripts reads its penultimate layer)"
+        return f"SDXL text encoder 1 layer {layer} is never used: sd-scripts reads its penultimate layer"
     if te == "" and arch in ("sd1", "sd2", None):
         skip = clip_skip if clip_skip is not None else (2 if arch == "sd1" else None)
         if skip is not None and skip > 1 and layer > last - (skip - 1):
@@ -235,10 +252,47 @@ def check_module(module: AdapterModule, options: CheckOptions, source: Mapping[s
         status = "ok"
     first = next(iter(tensors.values()))
     note = "DoRA/IA3 delta depends on the base weight; norm not computed" if norm is None else None
-    return ModuleCheck(name=module.name, kind=module.kind, component=_component(module.name), rank=module.rank,
-                       alpha=module.alpha, dtype=from_torch(first.dtype), tensors=stats, scale=module.scale,
-                       delta_norm=norm,
-                       status=status, note=note)
+    loss = fp16_loss(as_float, {s: t.dtype for s, t in tensors.items()}) if status == "underflow" else None
+    check = ModuleCheck(name=module.name, kind=module.kind, component=_component(module.name), rank=module.rank,
+                        alpha=module.alpha, dtype=from_torch(first.dtype), tensors=stats, scale=module.scale,
+                        delta_norm=norm, status=status, note=note, fp16_loss=loss)
+    if loss is not None and loss <= options.underflow_tolerance:
+        check.expected = (f"harmless: fp16 storage changes its delta by {_percent(loss)} "
+                          f"(up to {_percent(options.underflow_tolerance)} is expected)")
+    return check
+
+
+def fp16_loss(tensors: Mapping[str, torch.Tensor], stored: Mapping[str, torch.dtype]) -> float:
+    """Relative change of a module's delta that storing its factors in fp16 causes below fp16's
+    normal range (first order: the square root of the factors' summed squared relative errors).
+
+    ``tensors``: suffix -> values (any float dtype); ``stored``: suffix -> the file's dtype. An fp16
+    factor has already been rounded: its bound is half a subnormal step per nonzero value below
+    6.1e-5. Any other factor is cast to fp16 and compared. Alpha and DoRA magnitudes are left out.
+    """
+    import torch
+
+    total = 0.0
+    for suffix, x in tensors.items():
+        if suffix in ("alpha", "dora_scale") or not x.is_floating_point() or x.numel() == 0:
+            continue
+        x = x.double()
+        norm2 = float(x.square().sum())
+        if norm2 == 0.0:
+            continue
+        a = x.abs()
+        small = (a > 0) & (a < FP16_TINY)
+        if stored[suffix] == torch.float16:
+            err2 = int(small.sum()) * _FP16_HALF_STEP ** 2
+        else:
+            v = x[small]
+            err2 = float((v - v.half().double()).square().sum())
+        total += err2 / norm2
+    return math.sqrt(total)
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2g} %" if x < 0.01 else f"{100 * x:.1f} %"
 
 
 def check_adapter(adapter: AdapterFile, options: CheckOptions = CheckOptions(), *,
@@ -322,46 +376,71 @@ def check_file(path: str | Path, options: CheckOptions = CheckOptions()) -> Weig
 
 
 def _summarise(report: WeightsReport, options: CheckOptions) -> None:
+    """Counts, then each finding as expected (and why) or a problem (and what to do), then the verdict."""
     mods = report.modules
     counts = Counter(m.status for m in mods)
     report.counts = {s: counts.get(s, 0) for s in STATUSES if counts.get(s)}
-    expected = [m for m in mods if m.status == "dead" and m.expected]
+    expected, problems = report.expected, report.problems
+    expected_dead = [m for m in mods if m.status == "dead" and m.expected]
+    if expected_dead:
+        reasons = Counter(m.expected for m in expected_dead)
+        why = "; ".join(f"{n}: {r}" if len(reasons) > 1 else str(r) for r, n in reasons.items())
+        expected.append(f"{len(expected_dead)} dead, all expected ({why})")
+    harmless = [m for m in mods if m.status == "underflow" and m.expected]
+    if harmless:
+        worst = max(m.fp16_loss or 0.0 for m in harmless)
+        expected.append(f"{len(harmless)} underflowing, harmless: below fp16's normal range (6.1e-5), but fp16 "
+                        f"storage changes their deltas by at most {_percent(worst)}")
     dead = [m for m in mods if m.status == "dead" and not m.expected]
-    out = report.explanations
     zero_scale = [m for m in dead if m.scale == 0]
     if zero_scale:
-        out.append(f"{len(zero_scale)} dead: alpha is 0, so their scale is 0 (read literally, as ComfyUI does); "
-                   "set their alpha (e.g. to the rank) or retrain")
+        problems.append(f"{len(zero_scale)} dead: alpha is 0, so their scale is 0 (read literally, as ComfyUI "
+                        "does); set their alpha (e.g. to the rank) or retrain")
         dead = [m for m in dead if m.scale != 0]
-    if expected:
-        reasons = Counter(m.expected for m in expected)
-        why = "; ".join(f"{n}: {r}" if len(reasons) > 1 else str(r) for r, n in reasons.items())
-        out.append(f"{len(expected)} dead, all expected ({why})")
     if dead:
         all_zero = sum(all(t.zero_fraction == 1.0 for t in m.tensors) for m in dead)
         fp16 = sum(m.dtype == "F16" for m in dead)
         if all_zero == len(dead):
-            out.append(f"{len(dead)} dead: every factor is all zeros (the file holds no weights for them: "
-                       "saved before training or damaged); resize to drop them")
+            problems.append(f"{len(dead)} dead: every factor is all zeros (the file holds no weights for them: "
+                            "saved before training or damaged); resize to drop them")
         elif fp16 >= len(dead) / 2:
-            out.append(f"{len(dead)} dead: fp16 underflow likely; train in bf16 or with a larger alpha, "
-                       "or resize to drop them")
+            problems.append(f"{len(dead)} dead: fp16 underflow likely; train in bf16 or with a larger alpha, "
+                            "or resize to drop them")
         else:
-            out.append(f"{len(dead)} dead: a factor is all zeros (never trained: learning rate 0 for that part, "
-                       "or saved before the first step); resize to drop them")
+            problems.append(f"{len(dead)} dead: a factor is all zeros (never trained: learning rate 0 for that "
+                            "part, or saved before the first step); resize to drop them")
     nan = [m for m in mods if m.status == "nan"]
     if nan:
-        out.append(f"{len(nan)} with NaN/Inf: training diverged (lower the learning rate, train in bf16); "
-                   "this file will produce black or noisy images: retrain or use an earlier epoch")
-    under = [m for m in mods if m.status == "underflow"]
+        problems.append(f"{len(nan)} with NaN/Inf: training diverged (lower the learning rate, train in bf16); "
+                        "this file will produce black or noisy images: retrain or use an earlier epoch")
+    under = [m for m in mods if m.status == "underflow" and not m.expected]
     if under:
-        out.append(f"{len(under)} underflowing: most values are below fp16's normal range (6.1e-5) and lose "
-                   "precision or vanish in fp16; save in bf16/fp32 or train with a larger alpha")
+        worst = max(m.fp16_loss or 0.0 for m in under)
+        problems.append(f"{len(under)} underflowing: most values of a factor are below fp16's normal range "
+                        f"(6.1e-5), and fp16 storage changes their deltas by up to {_percent(worst)}; keep the "
+                        "file in bf16/fp32 (--save_precision bf16) or train with a larger network_alpha")
+    report.explanations = [*expected, *problems]
     if report.unknown_keys:
-        out.append(f"{len(report.unknown_keys)} keys belong to no module type and were not checked")
-    if not out:
-        out.append(f"{len(mods)} modules, all ok")
+        report.explanations.append(f"{len(report.unknown_keys)} keys belong to no module type and were not checked")
+    if not report.explanations:
+        report.explanations.append(f"{len(mods)} modules, all ok")
     report.failed = any(m.problem and m.status in options.fail_on for m in mods)
+    report.verdict = _verdict(mods, options, len(expected_dead) + len(harmless))
+
+
+def _verdict(mods: list[ModuleCheck], options: CheckOptions, n_expected: int) -> str:
+    failing = Counter(m.status for m in mods if m.problem and m.status in options.fail_on)
+    ignored = Counter(m.status for m in mods if m.problem and m.status not in options.fail_on)
+    expected = f"; {n_expected} expected finding(s) need nothing" if n_expected else ""
+    if failing:
+        listed = ", ".join(f"{n} {s}" for s, n in failing.items())
+        return f"FAILED: {sum(failing.values())} module(s) with problems ({listed}); the problems say what to do{expected}"
+    if ignored:
+        listed = ", ".join(f"{n} {s}" for s, n in ignored.items())
+        return f"OK by --fail-on: {listed} not counted{expected}"
+    if n_expected:
+        return f"OK: nothing to fix; {n_expected} finding(s) are expected (see above)"
+    return f"OK: all {len(mods)} modules are fine"
 
 
 def parse_fail_on(values: Iterable[str]) -> frozenset[str]:

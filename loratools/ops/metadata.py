@@ -234,8 +234,20 @@ def summarize(path: str | Path, *, top_tags: int = 20) -> MetadataSummary:
     return s
 
 
+#: What sd-scripts writes as the base model's hash when the model path is a folder (a diffusers model,
+#: often given with a trailing slash): it hashes the path, fails, and stores the exception's name.
+_FOLDER_HASH = "IsADirectory"
+
+
+def _base_model_value(key: str, value: Any) -> Any:
+    if key in ("ss_sd_model_hash", "ss_new_sd_model_hash") and value == _FOLDER_HASH:
+        return "unknown (trained from a folder)"
+    return value
+
+
 def _describe_training(s: MetadataSummary, decoded: dict[str, Any], top_tags: int) -> None:
-    s.base_model = {label: decoded[k] for k, label in BASE_FIELDS if k in decoded and decoded[k] is not None}
+    s.base_model = {label: _base_model_value(k, decoded[k]) for k, label in BASE_FIELDS
+                    if k in decoded and decoded[k] is not None}
     s.training = {label: _timestamp(decoded[k]) for k, label in TRAINING_FIELDS if k in decoded}
     s.trigger_words = tag_counts(decoded).most_common(top_tags)
     declared = [decoded.get("modelspec.trigger_phrase"), decoded.get("ssmd_keywords")]

@@ -95,6 +95,10 @@ class MergeResult:
     patched_keys: int
     copied_keys: int
     files: list[WrittenFile] = field(default_factory=list)
+    #: patched tensors that several modules of one adapter write rows of: OpenCLIP's fused q/k/v
+    #: ``in_proj_weight`` in a single file (a diffusers folder keeps q, k and v apart), so a single
+    #: file counts fewer patched tensors than modules applied
+    fused_keys: int = 0
     verify: list[VerifyRow] | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -228,6 +232,7 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
         files = _write_folder(opts, source, writer, metadata_for, protected)
 
     result = MergeResult(opts.output, source.layout, arch, reports, writer.patched, writer.copied, files,
+                         fused_keys=sum(any(p.rows for p in ps) for ps in plan.patches.values()),
                          warnings=_warnings(loaded, source))
     if opts.verify:
         from loratools.ops.merge.verify import verify_output

@@ -57,6 +57,7 @@ class LoraMergeOptions:
         recipe: resize recipe(s) to re-compress the combination with (None: exact, ranks add); with
             several recipes (``:``-separated) ``output`` is a folder.
         base: checkpoint for recipe scores that need it (``fro_ckpt``, ``spn_ckpt``, ``subspace``).
+        device: where the re-compression's decompositions run (``cpu``, ``cuda``).
     """
 
     adapters: Sequence[WeightedPath]
@@ -67,6 +68,7 @@ class LoraMergeOptions:
     title: str | None = None
     recipe: str | None = None
     base: Path | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -312,7 +314,7 @@ def _recompress(opts: LoraMergeOptions, tensors: dict, meta: dict[str, str], dty
         combined = tmp / (opts.output.stem if single else "merged")
         combined = combined.with_suffix(".safetensors")
         save_tensors(combined, tensors, meta)
-        resizer = Resizer(opts.base)
+        resizer = Resizer(opts.base, device=opts.device)
         return resizer.resize(combined, opts.recipe, output=opts.output, overwrite=opts.overwrite,
                               dtype=_DTYPE_NAMES[str(dtype).removeprefix("torch.")])
     finally:

@@ -7,20 +7,21 @@ keeps, ``engine`` for formats and outputs.
 
 Python API, for scripted batch shrinking (the base checkpoint is opened once, norms are cached):
 
-    from pathlib import Path
-    from loratools.ops.resize import Resizer
+    from loratools.ops.resize import Resizer, resolve_inputs
 
-    rz = Resizer("sd_xl_base_1.0.safetensors")          # or None for checkpoint-free recipes
-    for lora in sorted(Path("loras").glob("*.safetensors")):
+    # as the CLI: base recognised by content, folders/globs expanded, earlier resize outputs skipped
+    base, loras, skipped = resolve_inputs(["sd_xl_base_1.0.safetensors", "loras/"])
+    rz = Resizer(base)                                  # or None for checkpoint-free recipes
+    for lora in loras:
         result = rz.resize(lora, "fro_ckpt=1,thr=-3.55:sv_fro=0.9", output="resized/")
         for out in result.outcomes:                     # one per recipe
-            print(out.summary_line())                   # rank, MiB, Frobenius retained, threshold
+            print(out.summary_line())                   # rank, sizes, Frobenius retained, threshold
             # out.path, out.status ("written", "exists", "dry-run"), out.rows (per layer), ...
 
 ``Resizer.resize`` takes ``output`` (folder or ``.safetensors`` file), ``dtype`` ("fp16", "bf16",
 "fp32"; default the input's), ``overwrite``, ``kohya_compat``, ``dry_run`` and a ``progress``
-callback; existing outputs are skipped unless ``overwrite``. ``resize(loras, recipes, base=...)``
-is the one-call form.
+callback; existing outputs are skipped unless ``overwrite``. ``resize(paths, recipes, base=...)``
+is the one-call form (it resolves ``paths`` as above).
 """
 
 from loratools.ops.resize.engine import LayerRow, LoraOutcome, RecipeOutcome, Resizer, resize

@@ -76,12 +76,14 @@ class RecipeOutcome:
     quantiles: dict[str, float] = field(default_factory=dict)
 
     def summary_line(self) -> str:
-        """``name: rank 1234 -> 321, 36.2 MiB -> 9.1 MiB, Frobenius 98.7 %, threshold -3.55``."""
-        mib = 1 << 20
+        """``name: rank 1234 -> 321, 36.2 MiB -> 9.1 MiB, Frobenius 98.7 %, threshold -3.55`` (sizes in
+        the unit that shows the change: ``484.5 KiB -> 465.4 KiB``, not ``0.5 MiB -> 0.5 MiB``)."""
+        from loratools.units import size_change
+
         thr = "" if self.threshold is None else f", threshold {self.threshold:.4g}"
         verb = {"dry-run": " (dry run)", "exists": " (exists, skipped)"}.get(self.status, "")
         return (f"{self.path.name}: rank {self.rank_before} -> {self.rank_after}, "
-                f"{self.size_before / mib:.1f} MiB -> {self.size_after / mib:.1f} MiB, "
+                f"{size_change(self.size_before, self.size_after)}, "
                 f"Frobenius {100 * self.fro_retained:.1f} %{thr}{verb}")
 
 
@@ -671,6 +673,11 @@ def _total_rank(header: Any) -> int:
 
 def resize(loras: Sequence[str | Path], recipes: str = "fro_ckpt=1,thr=-3.55", *, base: str | Path | None = None,
            **options: Any) -> list[LoraOutcome]:
-    """Resize several LoRAs against one base: ``Resizer(base).resize(lora, recipes, **options)`` for each."""
-    rz = Resizer(base, **{k: options.pop(k) for k in ("cache_dir", "device") if k in options})
-    return [rz.resize(p, recipes, **options) for p in loras]
+    """Resize several LoRAs against one base, with the CLI's inputs: files, folders and globs, the base
+    recognised among them, earlier resize outputs in folders and globs skipped (``resolve_inputs``);
+    then ``Resizer(base).resize(lora, recipes, **options)`` for each."""
+    from loratools.ops.resize.inputs import resolve_inputs
+
+    found, files, _ = resolve_inputs([str(p) for p in loras], None if base is None else str(base))
+    rz = Resizer(found, **{k: options.pop(k) for k in ("cache_dir", "device") if k in options})
+    return [rz.resize(p, recipes, **options) for p in files]

@@ -39,7 +39,9 @@ def _already_resized(path: Path) -> bool:
 
 
 def resolve_inputs(paths: list[str], base: str | None = None) -> tuple[Path | None, list[Path], list[Path]]:
-    """``(base, loras, skipped)``: skipped are earlier resize outputs found inside folders.
+    """``(base, loras, skipped)``: skipped are earlier resize outputs found in folders and globs (a file
+    named on its own is resized whatever it is), so running the same command twice never resizes its
+    own outputs.
 
     Raises:
         UsageError: no LoRA, two base checkpoints, or a glob that matches nothing.
@@ -56,7 +58,9 @@ def resolve_inputs(paths: list[str], base: str | None = None) -> tuple[Path | No
             matches = sorted(Path(m) for m in glob.glob(text))
             if not matches:
                 raise UsageError(f"no file matches {text!r}")
-            loras.extend(m for m in matches if m.is_file())
+            for m in matches:
+                if m.is_file():
+                    (skipped if _already_resized(m) else loras).append(m)
             continue
         if not p.exists():
             raise InvalidFileError("file not found", path=p)

@@ -75,7 +75,8 @@ def resized_metadata(source: Mapping[str, str], *, recipe: Recipe, threshold: fl
     reached = "" if threshold is None else f", threshold {threshold:.4g}"
     line = f"Resized by loratools {__version__} with {recipe.text}{reached} from dim {old_max_rank}"
     old = meta.get("ss_training_comment")
-    meta["ss_training_comment"] = f"{line}; {old}" if old else line
+    # sd-scripts writes str(None) when there was no comment: that is no comment, not "None"
+    meta["ss_training_comment"] = f"{line}; {old}" if old and old != "None" else line
     ranks = [k.rank for k in kept]
     entry = {
         "version": __version__,
