@@ -14,15 +14,23 @@ from loratools.adapters import load_adapter
 from loratools.errors import InvalidFileError, OutputExistsError, UsageError
 from loratools.io.reader import open_safetensors
 from loratools.io.writer import save_tensors
-from loratools.keys.naming import ModulePaths
-from loratools.keys.unet_blocks import UNetBlockTable
+from loratools.keys.index import BaseIndex
 from loratools.ops.convert import ConvertOptions, convert
 from loratools.tiny import make_lora
 
 
-def _by_path(adapter, table) -> dict:
-    paths = ModulePaths(table)
-    return {paths.locate(name): m for name, m in adapter.modules.items()}
+def _index(pipe, arch: str) -> BaseIndex:
+    tes = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    return BaseIndex.from_modules(arch, pipe.unet, tes)
+
+
+def _by_path(adapter, index) -> dict:
+    """module -> (component, diffusers path) through the vocabulary of the live model."""
+    out = {}
+    for name, m in adapter.modules.items():
+        info = index.info(index.resolve(name))
+        out[info.component, info.path] = m
+    return out
 
 
 # arch, kind, naming of the source file
@@ -51,7 +59,7 @@ def pipes(tiny_sd1, tiny_sdxl):
 def test_deltas_survive_conversion(pipes, tiny_sd1_dir, tiny_sdxl_dir, tmp_path, arch, kind, naming):
     pipe = pipes[arch]
     base = {"sd1": tiny_sd1_dir, "sdxl": tiny_sdxl_dir}[arch]
-    table = UNetBlockTable.from_config(pipe.unet.config)
+    table = _index(pipe, arch)
     src = tmp_path / "src.safetensors"
     made = make_lora(pipe, arch, kind, rank=4, alpha=2.0, naming=naming, path=src)
     original = _by_path(load_adapter(src), table)
@@ -151,7 +159,8 @@ def test_unknown_keys_and_outside_block_modules_are_kept_and_reported(tmp_path):
     written = open_safetensors(out)
     assert "bundle_emb.star.string_to_param.*" in written and "lora_unet_conv_in.alpha" in written
     peft = convert(ConvertOptions(src, tmp_path / "peft.safetensors", "peft"))
-    assert "unet.conv_in.lora_A.weight" in open_safetensors(peft.output) and len(peft.warnings) == 1
+    assert "unet.conv_in.lora_A.weight" in open_safetensors(peft.output) and len(peft.warnings) == 2
+    assert "ComfyUI" in peft.warnings[0] and "A1111" in peft.warnings[0]  # PEFT names do not load there
 
 
 def test_dtype_option_casts_float_tensors_only(tiny_sd1, tmp_path):
@@ -175,7 +184,7 @@ def test_a1111_scale_is_folded_and_alpha_zero_warned(tiny_sd1, tiny_sd1_dir, tmp
     tensors[f"{names[1]}.alpha"] = torch.tensor(0.0)
     src = tmp_path / "in.safetensors"
     save_tensors(src, tensors, made.metadata)
-    table = UNetBlockTable.from_config(tiny_sd1.unet.config)
+    table = _index(tiny_sd1, "sd1")
     mine = _by_path(load_adapter(src), table)
     assert load_adapter(src).modules[names[0]].scale == 3.0
     for to in ("kohya", "peft"):
