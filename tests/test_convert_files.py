@@ -195,3 +195,58 @@ def test_a1111_scale_is_folded_and_alpha_zero_warned(tiny_sd1, tiny_sd1_dir, tmp
         theirs = _by_path(load_adapter(out), table)
         for where, m in mine.items():
             torch.testing.assert_close(theirs[where].delta(), m.delta(), rtol=1e-6, atol=1e-7)
+
+
+def test_peft_to_kohya_without_base_on_a_custom_layout_is_named_by_diffusers_paths(tiny_sdxl, tiny_sdxl_ckpt,
+                                                                                   tmp_path):
+    # issue 13: this exited 0 with SGM names from the released SDXL's table, of which only 121/155
+    # applied to the tiny model. Diffusers paths name the same module in every layout: every module
+    # applies, and a warning says the names could not be checked against the model
+    from loratools.ops.check_keys import CheckKeysOptions, check_keys
+
+    src = tmp_path / "peft.safetensors"
+    make_lora(tiny_sdxl, "sdxl", "locon", naming="peft", path=src)
+    out = tmp_path / "kohya.safetensors"
+    result = convert(ConvertOptions(src, out, "kohya", arch="sdxl"))
+    assert any("--base" in w and "diffusers path" in w for w in result.warnings)
+    checked = check_keys(CheckKeysOptions(out, tiny_sdxl_ckpt, loaders=("comfyui", "diffusers")))
+    assert checked.ok and checked.applied == result.modules == len(load_adapter(src).modules), checked.summary
+    with_base = tmp_path / "kohya_base.safetensors"
+    convert(ConvertOptions(src, with_base, "kohya", base=tiny_sdxl_ckpt))  # against the model: SGM names
+    assert all(not n.startswith("lora_unet_") or n.startswith(("lora_unet_input_blocks", "lora_unet_middle_block",
+                                                               "lora_unet_output_blocks"))
+               for n in load_adapter(with_base).modules)
+    assert check_keys(CheckKeysOptions(with_base, tiny_sdxl_ckpt, loaders=("all",))).ok
+
+
+def test_sgm_names_of_a_custom_layout_are_an_error_naming_the_module(tiny_sdxl, tiny_sdxl_ckpt, tmp_path):
+    # issue 13 "no silent wrong conversion": an SGM name's module depends on the UNet's layout;
+    # the tiny model's layout is not the released SDXL's, so without --base it cannot be resolved
+    from loratools.errors import UnmatchedModulesError
+
+    src = tmp_path / "sgm.safetensors"
+    make_lora(tiny_sdxl, "sdxl", "lora", path=src)
+    with pytest.raises(UnmatchedModulesError, match=r"lora_unet_input_blocks_\w+.*pass --base") as err:
+        convert(ConvertOptions(src, tmp_path / "x.safetensors", "peft", arch="sdxl"))
+    assert err.value.path == str(src) and not (tmp_path / "x.safetensors").exists()
+    run = subprocess.run([sys.executable, "-m", "loratools", "convert", str(src), "--to", "peft", "-o",
+                          str(tmp_path / "x.safetensors"), "--arch", "sdxl"], capture_output=True, text=True,
+                         timeout=120, env=_ENV)
+    assert run.returncode == 2 and "lora_unet_input_blocks" in run.stderr and "--base" in run.stderr
+    assert convert(ConvertOptions(src, tmp_path / "y.safetensors", "peft", base=tiny_sdxl_ckpt)).modules > 0
+
+
+def test_peft_output_says_which_programs_do_not_load_it(tiny_sd1, tmp_path):
+    # issue 13: `convert --to peft` stays, and says (help + one line per run) that ComfyUI and A1111
+    # do not load those UNet keys
+    src = tmp_path / "in.safetensors"
+    make_lora(tiny_sd1, "sd1", "lora", path=src)
+    run = subprocess.run([sys.executable, "-m", "loratools", "convert", str(src), "--to", "peft", "-o",
+                          str(tmp_path / "p.safetensors"), "--arch", "sd1"], capture_output=True, text=True,
+                         timeout=120, env=_ENV)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "ComfyUI" in line]  # one line, once
+    assert len(lines) == 1 and "A1111" in lines[0]
+    helped = subprocess.run([sys.executable, "-m", "loratools", "convert", "--help"], capture_output=True, text=True,
+                            timeout=60, env={**_ENV, "COLUMNS": "200"})
+    assert "ComfyUI skips its UNet attention keys" in " ".join(helped.stdout.split())

@@ -61,14 +61,15 @@ class Placements:
     unresolved: list[str] = field(default_factory=list)
 
     def unfit_note(self) -> str | None:
-        """A warning when, without a base, modules did not fit the released model (they keep a
-        layout-free name), else None."""
-        unfit = [p.name for p in self.placed.values() if not p.fits]
+        """A warning when, without a base, modules that did not fit the released model are written
+        with their layout-free name instead of the layout-bound kohya one (SDXL UNet), else None."""
+        unfit = [p.name for p in self.placed.values()
+                 if not p.fits and p.write_name != self.index.kohya_name(p.target)]
         if not unfit:
             return None
         return (f"{len(unfit)} module(s) do not fit the released {self.index.arch.label} model (first: {unfit[0]}): "
-                "named by their diffusers path, which ComfyUI and diffusers load; pass --base with the model "
-                "they were made for to check them against it")
+                "named by their diffusers path (lora_unet_down_blocks_...), which ComfyUI and diffusers load; "
+                "pass --base with the model they were made for to get its SGM names")
 
     def hint(self) -> str:
         """What to do about `unresolved` names, for error messages."""
