@@ -33,7 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from loratools.keys.index import BaseIndex, ModuleInfo, Target, shapes_compatible
-from loratools.keys.naming import KOHYA_PREFIXES, LYCORIS_PREFIX, TE2_PREFIX, underscored
+from loratools.keys.naming import (KOHYA_PREFIXES, LYCORIS_PREFIX, TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UNET_PREFIX,
+                                   underscored)
 
 LOADERS = ("comfyui", "a1111", "diffusers")
 LABELS = {"comfyui": "ComfyUI", "a1111": "A1111", "diffusers": "diffusers"}
@@ -196,14 +197,14 @@ def comfyui_key_map(index: BaseIndex) -> dict[str, tuple[Target, int]]:
         if info.component == "unet":
             # model_lora_keys_unet: every `diffusion_model.` key of the model first ...
             if info.ldm_path is not None:
-                for name in (f"lora_unet_{underscored(info.ldm_path)}", f"lora_prior_unet_{underscored(info.ldm_path)}",
+                for name in (f"{UNET_PREFIX}{underscored(info.ldm_path)}", f"lora_prior_unet_{underscored(info.ldm_path)}",
                              f"diffusion_model.{info.ldm_path}"):
                     out[name] = (t, 0)
             # ... then unet_to_diffusers' names; attention projections only in the processor form
             legacy = info.path.replace(".to_", ".processor.to_")
             if legacy.endswith(".to_out.0"):
                 legacy = legacy[:-2]
-            for name in (f"lora_unet_{underscored(info.path)}", f"{LYCORIS_PREFIX}{underscored(info.path)}",
+            for name in (f"{UNET_PREFIX}{underscored(info.path)}", f"{LYCORIS_PREFIX}{underscored(info.path)}",
                          legacy, f"unet.{legacy}"):
                 out.setdefault(name, (t, 1))
             continue
@@ -214,7 +215,7 @@ def comfyui_key_map(index: BaseIndex) -> dict[str, tuple[Target, int]]:
         if info.component == "text_encoder_2":  # clip_g next to clip_l (SDXL)
             names = (f"{TE2_PREFIX}text_model_encoder_layers_{tail}", f"text_encoder_2.{info.path}")
         else:  # clip_l (SD1, SDXL) or clip_h (SD2)
-            names = (f"lora_te_text_model_encoder_layers_{tail}", f"lora_te1_text_model_encoder_layers_{tail}",
+            names = (f"{TE_PREFIX}text_model_encoder_layers_{tail}", f"{TE1_PREFIX}text_model_encoder_layers_{tail}",
                      f"text_encoder.{info.path}")
         for name in names:
             out[name] = (t, 2)
@@ -296,7 +297,7 @@ _TE_LAYER_PATH = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
 
 def a1111_convert(name: str, sd2: bool) -> str:
     """networks.py convert_diffusers_name_to_compvis: diffusers-style kohya names -> A1111's
-    compvis layer names (SD1 block arithmetic: 3 blocks per level, upsampler sub-index 1 on the
+    compvis layer names (the patterns are A1111's own literals, not our prefix constants) (SD1 block arithmetic: 3 blocks per level, upsampler sub-index 1 on the
     first up level, 2 elsewhere); any other name comes back unchanged."""
     rules = (
         (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[1]}"),
@@ -457,7 +458,7 @@ _TE_LEGACY = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "o
 def diffusers_unet_path(key: str) -> str | None:
     """`_convert_unet_lora_key` applied to a `lora_unet_<name>.lora_down.weight` key: the
     diffusers UNet module path the LoRA is loaded onto (None when the result is no module path)."""
-    s = key.replace("lora_unet_", "").replace("_", ".")
+    s = key.replace(UNET_PREFIX, "").replace("_", ".")
     for old, new in _DIFFUSERS_UNET_REPLACE:
         s = s.replace(old, new)
     if "emb" in s and "time.emb.proj" not in s:  # "SDXL specific conversions"
@@ -662,7 +663,7 @@ def _diffusers_kohya(ctx: _Context, keys: list[str], skipped: list[Skip], paths:
     for key in keys:
         name = renamed[key]
         down = name.partition(".")[0] + ".lora_down.weight"  # alpha / up go with their lora_down
-        if name.startswith("lora_unet_"):
+        if name.startswith(UNET_PREFIX):
             component, path = "unet", diffusers_unet_path(down)
         elif name.startswith(TE2_PREFIX):
             component, path = "text_encoder_2", diffusers_te_path(down, TE2_PREFIX)
@@ -670,7 +671,7 @@ def _diffusers_kohya(ctx: _Context, keys: list[str], skipped: list[Skip], paths:
                 skipped.append(Skip(key, "form", "SD1/SD2 pipelines load no text_encoder_2"))
                 continue
         else:
-            prefix = "lora_te_" if name.startswith("lora_te_") else "lora_te1_"
+            prefix = TE_PREFIX if name.startswith(TE_PREFIX) else TE1_PREFIX
             component, path = "text_encoder", diffusers_te_path(down, prefix)
         landing.land(key, component, path, paths.get((component, path)) if path is not None else None)
     return landing.report(skipped)

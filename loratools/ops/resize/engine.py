@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from loratools.errors import ArchitectureMismatchError, NonFiniteError, UsageError
 from loratools.io.checkpoint import release_pages
 from loratools.io.dtypes import parse_dtype_name
+from loratools.keys.naming import te_layer
 from loratools.ops.resize.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -355,8 +356,7 @@ class Resizer:
             result.warnings.append(f"converted {kinds} module(s) to LoRA (exact low-rank factors; the "
                                    "per-layer error of the chosen ranks is in the table)")
         if result.zero_layers:
-            te_last = [n for n in result.zero_layers if n.startswith("lora_te1_text_model_encoder_layers_11_")
-                       or n.startswith("lora_te_text_model_encoder_layers_11_")]
+            te_last = [n for n in result.zero_layers if te_layer(n) in (("te1", 11), ("te", 11))]
             note = " (the untrained last text-encoder layer of a clip-skip-2 LoRA)" \
                 if len(te_last) == len(result.zero_layers) else ""
             result.warnings.append(f"{len(result.zero_layers)} all-zero layer(s) omitted{note}: "
