@@ -25,7 +25,7 @@ from typing import Any
 from loratools.errors import ArchitectureMismatchError, UsageError
 from loratools.keys.arch import ArchInfo, check_compatible, guess_adapter_arch
 from loratools.keys.index import BaseIndex, Target, shapes_compatible
-from loratools.keys.loaders import LOADERS, FileModule, LoaderReport, check_loader
+from loratools.keys.loaders import LOADERS, REASONS, FileModule, LoaderReport, check_loader
 
 STATUSES = ("ok", "unmatched", "shape", "duplicate")
 
@@ -144,7 +144,7 @@ class CheckKeysResult:
             if report.refused:
                 out.append(f"{report.label} would not load the file: {report.refused}")
             elif not report.ok:
-                reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.reasons().items()))
+                reasons = ", ".join(f"{n} {REASONS[r]}" for r, n in sorted(report.reasons().items()))
                 out.append(f"{report.label} would skip {len(report.skipped)} of {report.keys} keys ({reasons})")
         return out
 
