@@ -14,8 +14,7 @@ import torch
 
 from loratools.adapters import load_adapter
 from loratools.io.writer import save_tensors
-from loratools.keys.naming import ModulePaths
-from loratools.keys.unet_blocks import UNetBlockTable
+from loratools.keys.index import BaseIndex
 from loratools.ops.convert import ConvertOptions, convert
 from loratools.tiny import build_pipeline, make_lora, render
 
@@ -61,17 +60,18 @@ def _with_deltas(arch: str, path) -> object:
     pipe = build_pipeline(arch, seed=0)
     adapter = load_adapter(path)
     assert adapter.unknown == {}
-    paths = ModulePaths(UNetBlockTable.from_config(pipe.unet.config))
+    index = _live_index(arch, pipe)
     with torch.no_grad():
         for name, module in adapter.modules.items():
-            component, path_ = paths.locate(name)
-            model = getattr(pipe, component)
-            try:
-                layer = model.get_submodule(path_)
-            except AttributeError:  # transformers 5 CLIPTextModel has no `text_model.` level
-                layer = model.get_submodule(path_.removeprefix("text_model."))
+            target = index.resolve(name)
+            layer = getattr(pipe, target.component).get_submodule(target.key.removesuffix(".weight"))
             layer.weight += module.delta(layer.weight).reshape(layer.weight.shape)
     return pipe
+
+
+def _live_index(arch: str, pipe) -> BaseIndex:
+    tes = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    return BaseIndex.from_modules(arch, pipe.unet, tes)
 
 
 @pytest.fixture(scope="module")
@@ -145,20 +145,20 @@ def test_peft_alpha_from_adapter_metadata_matches_diffusers(arch, tmp_path, requ
     assert max(diffs.values()) < TOLERANCE, diffs
 
 
-def _sd1_sgm_names(tensors: dict, table: UNetBlockTable, paths: ModulePaths) -> dict:
+def _sd1_sgm_names(tensors: dict, index: BaseIndex) -> dict:
     """SD1 UNet modules under SGM names (`lora_unet_input_blocks_1_1_...`), which diffusers'
     SD1 pipeline mis-maps (it passes no UNet config to its SGM renamer)."""
     out = {}
     for k, v in tensors.items():
         module, _, suffix = k.partition(".")
-        located = paths.locate(module)
-        if located[0] == "unet":
-            module = "lora_unet_" + table.to_ldm(located[1]).replace(".", "_")
+        info = index.info(index.resolve(module))
+        if info.component == "unet":
+            module = "lora_unet_" + info.ldm_path.replace(".", "_")
         out[f"{module}.{suffix}"] = v
     return out
 
 
-def _lycoris_prefix(tensors: dict, table: UNetBlockTable, paths: ModulePaths) -> dict:
+def _lycoris_prefix(tensors: dict, index: BaseIndex) -> dict:
     """UNet modules as LyCORIS' own wrapper names them (`lycoris_<diffusers path>`)."""
     return {k.replace("lora_unet_", "lycoris_", 1): v for k, v in tensors.items() if k.startswith("lora_unet_")}
 
@@ -168,10 +168,9 @@ def test_convert_makes_files_diffusers_misreads_loadable(rename, tiny_sd1_dir, t
     """diffusers 0.42 raises on both inputs (NoMatchingPeftModuleError / "Invalid LoRA checkpoint");
     after `convert --to kohya` it loads them and draws the image of base + deltas."""
     pipe = build_pipeline("sd1", seed=0)
-    table = UNetBlockTable.from_config(pipe.unet.config)
     made = make_lora(pipe, "sd1", "locon", rank=4, alpha=2.0, naming="kohya", dtype=torch.float32, strength=0.5)
     src = tmp_path / "in.safetensors"
-    save_tensors(src, rename(made.tensors, table, ModulePaths(table)), made.metadata)
+    save_tensors(src, rename(made.tensors, _live_index("sd1", pipe)), made.metadata)
     expected = render(_with_deltas("sd1", src))
     out = tmp_path / "out.safetensors"
     convert(ConvertOptions(src, out, "kohya", base=tiny_sd1_dir))

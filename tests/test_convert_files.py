@@ -14,15 +14,23 @@ from loratools.adapters import load_adapter
 from loratools.errors import InvalidFileError, OutputExistsError, UsageError
 from loratools.io.reader import open_safetensors
 from loratools.io.writer import save_tensors
-from loratools.keys.naming import ModulePaths
-from loratools.keys.unet_blocks import UNetBlockTable
+from loratools.keys.index import BaseIndex
 from loratools.ops.convert import ConvertOptions, convert
 from loratools.tiny import make_lora
 
 
-def _by_path(adapter, table) -> dict:
-    paths = ModulePaths(table)
-    return {paths.locate(name): m for name, m in adapter.modules.items()}
+def _index(pipe, arch: str) -> BaseIndex:
+    tes = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    return BaseIndex.from_modules(arch, pipe.unet, tes)
+
+
+def _by_path(adapter, index) -> dict:
+    """module -> (component, diffusers path) through the vocabulary of the live model."""
+    out = {}
+    for name, m in adapter.modules.items():
+        info = index.info(index.resolve(name))
+        out[info.component, info.path] = m
+    return out
 
 
 # arch, kind, naming of the source file
@@ -51,7 +59,7 @@ def pipes(tiny_sd1, tiny_sdxl):
 def test_deltas_survive_conversion(pipes, tiny_sd1_dir, tiny_sdxl_dir, tmp_path, arch, kind, naming):
     pipe = pipes[arch]
     base = {"sd1": tiny_sd1_dir, "sdxl": tiny_sdxl_dir}[arch]
-    table = UNetBlockTable.from_config(pipe.unet.config)
+    table = _index(pipe, arch)
     src = tmp_path / "src.safetensors"
     made = make_lora(pipe, arch, kind, rank=4, alpha=2.0, naming=naming, path=src)
     original = _by_path(load_adapter(src), table)
@@ -151,7 +159,8 @@ def test_unknown_keys_and_outside_block_modules_are_kept_and_reported(tmp_path):
     written = open_safetensors(out)
     assert "bundle_emb.star.string_to_param.*" in written and "lora_unet_conv_in.alpha" in written
     peft = convert(ConvertOptions(src, tmp_path / "peft.safetensors", "peft"))
-    assert "unet.conv_in.lora_A.weight" in open_safetensors(peft.output) and len(peft.warnings) == 1
+    assert "unet.conv_in.lora_A.weight" in open_safetensors(peft.output) and len(peft.warnings) == 2
+    assert "ComfyUI" in peft.warnings[0] and "A1111" in peft.warnings[0]  # PEFT names do not load there
 
 
 def test_dtype_option_casts_float_tensors_only(tiny_sd1, tmp_path):
@@ -175,7 +184,7 @@ def test_a1111_scale_is_folded_and_alpha_zero_warned(tiny_sd1, tiny_sd1_dir, tmp
     tensors[f"{names[1]}.alpha"] = torch.tensor(0.0)
     src = tmp_path / "in.safetensors"
     save_tensors(src, tensors, made.metadata)
-    table = UNetBlockTable.from_config(tiny_sd1.unet.config)
+    table = _index(tiny_sd1, "sd1")
     mine = _by_path(load_adapter(src), table)
     assert load_adapter(src).modules[names[0]].scale == 3.0
     for to in ("kohya", "peft"):
@@ -186,3 +195,58 @@ def test_a1111_scale_is_folded_and_alpha_zero_warned(tiny_sd1, tiny_sd1_dir, tmp
         theirs = _by_path(load_adapter(out), table)
         for where, m in mine.items():
             torch.testing.assert_close(theirs[where].delta(), m.delta(), rtol=1e-6, atol=1e-7)
+
+
+def test_peft_to_kohya_without_base_on_a_custom_layout_is_named_by_diffusers_paths(tiny_sdxl, tiny_sdxl_ckpt,
+                                                                                   tmp_path):
+    # issue 13: this exited 0 with SGM names from the released SDXL's table, of which only 121/155
+    # applied to the tiny model. Diffusers paths name the same module in every layout: every module
+    # applies, and a warning says the names could not be checked against the model
+    from loratools.ops.check_keys import CheckKeysOptions, check_keys
+
+    src = tmp_path / "peft.safetensors"
+    make_lora(tiny_sdxl, "sdxl", "locon", naming="peft", path=src)
+    out = tmp_path / "kohya.safetensors"
+    result = convert(ConvertOptions(src, out, "kohya", arch="sdxl"))
+    assert any("--base" in w and "diffusers path" in w for w in result.warnings)
+    checked = check_keys(CheckKeysOptions(out, tiny_sdxl_ckpt, loaders=("comfyui", "diffusers")))
+    assert checked.ok and checked.applied == result.modules == len(load_adapter(src).modules), checked.summary
+    with_base = tmp_path / "kohya_base.safetensors"
+    convert(ConvertOptions(src, with_base, "kohya", base=tiny_sdxl_ckpt))  # against the model: SGM names
+    assert all(not n.startswith("lora_unet_") or n.startswith(("lora_unet_input_blocks", "lora_unet_middle_block",
+                                                               "lora_unet_output_blocks"))
+               for n in load_adapter(with_base).modules)
+    assert check_keys(CheckKeysOptions(with_base, tiny_sdxl_ckpt, loaders=("all",))).ok
+
+
+def test_sgm_names_of_a_custom_layout_are_an_error_naming_the_module(tiny_sdxl, tiny_sdxl_ckpt, tmp_path):
+    # issue 13 "no silent wrong conversion": an SGM name's module depends on the UNet's layout;
+    # the tiny model's layout is not the released SDXL's, so without --base it cannot be resolved
+    from loratools.errors import UnmatchedModulesError
+
+    src = tmp_path / "sgm.safetensors"
+    make_lora(tiny_sdxl, "sdxl", "lora", path=src)
+    with pytest.raises(UnmatchedModulesError, match=r"lora_unet_input_blocks_\w+.*pass --base") as err:
+        convert(ConvertOptions(src, tmp_path / "x.safetensors", "peft", arch="sdxl"))
+    assert err.value.path == str(src) and not (tmp_path / "x.safetensors").exists()
+    run = subprocess.run([sys.executable, "-m", "loratools", "convert", str(src), "--to", "peft", "-o",
+                          str(tmp_path / "x.safetensors"), "--arch", "sdxl"], capture_output=True, text=True,
+                         timeout=120, env=_ENV)
+    assert run.returncode == 2 and "lora_unet_input_blocks" in run.stderr and "--base" in run.stderr
+    assert convert(ConvertOptions(src, tmp_path / "y.safetensors", "peft", base=tiny_sdxl_ckpt)).modules > 0
+
+
+def test_peft_output_says_which_programs_do_not_load_it(tiny_sd1, tmp_path):
+    # issue 13: `convert --to peft` stays, and says (help + one line per run) that ComfyUI and A1111
+    # do not load those UNet keys
+    src = tmp_path / "in.safetensors"
+    make_lora(tiny_sd1, "sd1", "lora", path=src)
+    run = subprocess.run([sys.executable, "-m", "loratools", "convert", str(src), "--to", "peft", "-o",
+                          str(tmp_path / "p.safetensors"), "--arch", "sd1"], capture_output=True, text=True,
+                         timeout=120, env=_ENV)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "ComfyUI" in line]  # one line, once
+    assert len(lines) == 1 and "A1111" in lines[0]
+    helped = subprocess.run([sys.executable, "-m", "loratools", "convert", "--help"], capture_output=True, text=True,
+                            timeout=60, env={**_ENV, "COLUMNS": "200"})
+    assert "ComfyUI skips its UNet attention keys" in " ".join(helped.stdout.split())

@@ -1,5 +1,6 @@
-"""convert's name table at full scale: every module of every fixture LoRA finds its real
-diffusers module, and kohya names come back exactly as sd-scripts writes them."""
+"""convert's vocabulary at full scale: every module of every fixture LoRA resolves against the
+released model's standard index with a fitting shape, and kohya names come back exactly as
+sd-scripts writes them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from loratools.adapters import parse_adapter
-from loratools.keys.naming import ModulePaths, kohya_name, peft_name
-from loratools.keys.unet_blocks import UNetBlockTable
+from loratools.keys.index import BaseIndex
+from loratools.keys.resolve import module_shapes, place_modules
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _DTYPES = {"F16": torch.float16, "F32": torch.float32}
@@ -47,39 +48,39 @@ CASES = [
 def test_every_module_locates_a_real_diffusers_weight(lora, arch, folder):
     adapter = _load(lora)
     weights = _diffusers_weights(folder)
-    table = UNetBlockTable.standard(arch)
-    paths = ModulePaths(table)
+    index = BaseIndex.standard(arch)
+    placed = place_modules(module_shapes(adapter), index)
+    assert placed.unresolved == []
     for name, module in adapter.modules.items():
-        located = paths.locate(name)
-        assert located is not None, name
-        component, path = located
-        shape = weights[component].get(path + ".weight")
-        assert shape is not None, (name, path)
-        assert math.prod(shape) == math.prod(module.weight_shape), name
+        p = placed.placed[name]
+        info = index.info(p.target)
+        shape = weights[info.component].get(info.path + ".weight")
+        assert shape is not None, (name, info.path)
+        assert p.fits and math.prod(shape) == math.prod(module.weight_shape), name
         if lora.startswith(("lora_kohya", "lora_lycoris")):
-            assert kohya_name(component, path, arch, unet_table=table) == name  # sd-scripts' own spelling
+            assert p.write_name == name  # sd-scripts' own spelling
 
 
 def test_peft_sdxl_converts_to_the_names_sd_scripts_writes():
     peft = _load("lora_peft_sdxl.json")
     kohya = set(_load("lora_kohya_sdxl_lora.json").modules)
-    table = UNetBlockTable.standard("sdxl")
-    paths = ModulePaths(table)
-    converted = {kohya_name(*paths.locate(n), "sdxl", unet_table=table) for n in peft.modules}
+    placed = place_modules(module_shapes(peft), BaseIndex.standard("sdxl")).placed
+    converted = {p.write_name for p in placed.values()}
     assert len(converted) == len(peft.modules) and converted <= kohya
 
 
 def test_kohya_sdxl_converts_to_the_keys_diffusers_saves():
     kohya = _load("lora_kohya_sdxl_lora.json")
     peft_modules = {k.rsplit(".lora_", 1)[0] for k in json.loads((FIXTURES / "lora_peft_sdxl.json").read_text())["tensors"]}
-    paths = ModulePaths(UNetBlockTable.standard("sdxl"))
-    converted = {peft_name(*paths.locate(n)) for n in kohya.modules}
+    index = BaseIndex.standard("sdxl")
+    converted = {index.peft_name(p.target) for p in place_modules(module_shapes(kohya), index).placed.values()}
     assert peft_modules <= converted
 
 
-def test_unknown_module_names_do_not_locate():
-    paths = ModulePaths(UNetBlockTable.standard("sd1"))
-    assert paths.locate("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") is not None
+def test_unknown_module_names_do_not_resolve():
+    index = BaseIndex.standard("sd1")
+    assert index.resolve("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") is not None
     for name in ("lora_unet_down_blocks_9_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_self_attn",
-                 "lora_te3_text_model_encoder_layers_0_mlp_fc1", "lora_unet_down_blocks_0_attentions_0_proj"):
-        assert paths.locate(name) is None, name
+                 "lora_te3_text_model_encoder_layers_0_mlp_fc1", "lora_unet_down_blocks_0_attentions_0_proj",
+                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_1_attn1_to_q"):  # SD1 depth is 1
+        assert index.resolve(name) is None, name

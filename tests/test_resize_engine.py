@@ -130,14 +130,18 @@ def test_dora_scale_kept(sd1_files, tmp_path):
     torch.testing.assert_close(f.modules[n].dora_scale, src.modules[n].dora_scale)
 
 
-def test_peft_in_peft_out(sd1_files, tmp_path):
+def test_peft_in_kohya_out(sd1_files, tmp_path):
+    # issue 13: every file loratools writes loads in ComfyUI and A1111 too, so a PEFT input comes
+    # out with kohya names, alphas and suffixes (the PEFT names would be skipped there)
     ckpt, ads = sd1_files
     (o,) = Resizer(ckpt, cache_dir=None).resize(ads["peft"].path, "fro_ckpt=1,thr=-20", output=tmp_path).outcomes
     sd = open_safetensors(o.path)
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd)
-    assert set(sd) == {k for k in open_safetensors(ads["peft"].path) if "lora_" in k}
+    assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith((".lora_down.weight", ".lora_up.weight",
+                                                                          ".alpha")) for k in sd)
+    assert "lora_adapter_metadata" not in sd.metadata
     src, _ = _deltas(ads["peft"].path)
-    got, _ = _deltas(o.path)
+    got, f = _deltas(o.path)
+    assert f.naming == "kohya" and set(got) == set(src)  # the same modules (canonical names)
     for n in src:
         torch.testing.assert_close(got[n], src[n], atol=1e-5 * float(src[n].abs().max()), rtol=1e-3)
 

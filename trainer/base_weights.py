@@ -10,24 +10,16 @@ import torch
 from torch import nn
 
 from loratools.errors import NonFiniteError, UnmatchedModulesError, UsageError
-from trainer.network.names import KohyaNamer
+from loratools.keys.index import BaseIndex
 
 
-def _module_table(arch: str, unet, text_encoders: Sequence) -> dict[str, nn.Module]:
-    """kohya name -> Linear/Conv2d module for every weight-bearing leaf of the base model."""
-    namer = KohyaNamer(arch, unet.config)
-    table: dict[str, nn.Module] = {}
-    for path, module in unet.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            try:
-                table[namer.unet(path)] = module
-            except UsageError:  # no SGM name: no kohya file can address it
-                continue
-    for i, te in enumerate(text_encoders):
-        for path, module in te.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                table[namer.text_encoder(i, path)] = module
-    return table
+def _module_of(index: BaseIndex, models: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """The live module a file's module name changes, through the one vocabulary (kohya SGM or
+    diffusers spelling, PEFT, LyCORIS names alike), or None."""
+    target = index.resolve(name)
+    if target is None:
+        return None
+    return models[target.component].get_submodule(target.key.removesuffix(".weight"))
 
 
 def merge_base_weights(arch: str, unet, text_encoders: Sequence, files: Sequence[str],
@@ -39,12 +31,14 @@ def merge_base_weights(arch: str, unet, text_encoders: Sequence, files: Sequence
     if multipliers and len(multipliers) != len(files):
         raise UsageError(f"--base_weights_multiplier has {len(multipliers)} values for {len(files)} --base_weights "
                          "files; give one per file")
-    table = _module_table(arch, unet, text_encoders)
+    index = BaseIndex.from_modules(arch, unet, text_encoders)
+    models = {"unet": unet, **dict(zip(("text_encoder", "text_encoder_2"), text_encoders))}
     merged = 0
     for n, file in enumerate(files):
         ratio = float(multipliers[n]) if multipliers else 1.0
         adapter = load_adapter(Path(file))
-        missing = [name for name in adapter.modules if name not in table]
+        table = {name: _module_of(index, models, name) for name in adapter.modules}
+        missing = [name for name, module in table.items() if module is None]
         if missing:
             raise UnmatchedModulesError(f"{len(missing)} modules match nothing in the base model (first: {missing[0]}); "
                                         "is it for another architecture?", path=file)

@@ -30,9 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from loratools.adapters.base import SHARED_SUFFIXES, registry
-from loratools.keys.naming import te_module_path
-
-KOHYA_TE_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_")
+from loratools.keys.naming import (KOHYA_TE_PREFIXES, LYCORIS_PREFIX, TE1_PREFIX, TE2_PREFIX, TE_PREFIX,
+                                   UNET_PREFIX, te_module_path)
 _TE_LEVELS = ("encoder_", "embeddings_", "final_layer_norm")
 
 # (source suffix, kohya suffix, style), longest first within each family
@@ -98,11 +97,11 @@ def kohya_canonical(module: str) -> tuple[str, str]:
     for p in KOHYA_TE_PREFIXES:
         if module.startswith(p):
             return normalise_te(p, module[len(p):]), "kohya"
-    if module.startswith("lycoris_"):
-        rest = module[len("lycoris_"):]
+    if module.startswith(LYCORIS_PREFIX):
+        rest = module[len(LYCORIS_PREFIX):]
         if rest.startswith(("text_model_", *_TE_LEVELS)):
-            return normalise_te("lora_te_", rest.removeprefix("text_model_")), "lycoris"
-        return "lora_unet_" + rest, "lycoris"
+            return normalise_te(TE_PREFIX, rest.removeprefix("text_model_")), "lycoris"
+        return UNET_PREFIX + rest, "lycoris"
     return module, "kohya"
 
 
@@ -124,10 +123,10 @@ def dotted_canonical(component: str, path: str, style: str, *, sdxl: bool) -> st
         component = "text_encoder" if _is_te_path(path) else "unet"
         sdxl = False  # one bare model: plain `lora_te_` / `lora_unet_`
     if component == "unet":
-        return "lora_unet_" + _u(path)
+        return UNET_PREFIX + _u(path)
     if component == "transformer":
         return "lora_transformer_" + _u(path)
-    prefix = "lora_te2_" if component == "text_encoder_2" else ("lora_te1_" if sdxl else "lora_te_")
+    prefix = TE2_PREFIX if component == "text_encoder_2" else (TE1_PREFIX if sdxl else TE_PREFIX)
     return prefix + _u(te_module_path(path))
 
 
@@ -201,7 +200,7 @@ def _is_sdxl(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]], metadat
     if "xl" in str(md.get("modelspec.architecture", "")):
         return True
     for k in keys:
-        if k.startswith(("text_encoder_2.", "lora_te2_")):
+        if k.startswith(("text_encoder_2.", TE2_PREFIX)):
             return True
         if "attn2" in k and ("to_k" in k or "to_v" in k) and ("lora_A" in k or "down" in k):
             s = shapes.get(k, ())

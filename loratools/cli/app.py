@@ -21,7 +21,8 @@ from loratools.errors import LoratoolsError
 app = typer.Typer(
     name="loratools",
     help="Train, resize, merge, check and inspect Stable Diffusion LoRA/LyCORIS adapters "
-    "(SD1.x, SD2, SDXL/Pony). Every output loads in ComfyUI, A1111 and diffusers.",
+    "(SD1.x, SD2, SDXL/Pony). LoRA/LoCon files it writes load in ComfyUI, A1111 and diffusers (LoHa/LoKr: "
+    "ComfyUI and A1111; convert --to peft: diffusers); `check keys --loader all` shows what each loads.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -12,14 +12,16 @@ from loratools.cli.options import JsonOpt, OverwriteOpt
 def convert(
     lora: Annotated[Path, typer.Argument(help="The adapter file (.safetensors, or a .pt/.ckpt pickle).",
                                          show_default=False)],
-    to: Annotated[str, typer.Option("--to", help="Target naming: kohya (ComfyUI, A1111, diffusers) or peft "
-                                    "(diffusers/PEFT; LoRA only, alpha folded into the factors).",
+    to: Annotated[str, typer.Option("--to", help="Target naming: kohya (loads in ComfyUI, A1111 and diffusers) "
+                                    "or peft (diffusers/PEFT only: ComfyUI skips its UNet attention keys, A1111 "
+                                    "every key; LoRA only, alpha folded into the factors).",
                                     show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file.", show_default=False)],
     arch: Annotated[Optional[str], typer.Option("--arch", help="sd1, sd2 or sdxl; overrides detection.")] = None,
     base: Annotated[Optional[Path], typer.Option(
-        "--base", help="Base model (file or diffusers folder) whose UNet layout names the blocks; only needed "
-        "for UNets that are not the released SD1/SD2/SDXL layout.")] = None,
+        "--base", help="Base model (file or diffusers folder) to resolve module names against; only needed "
+        "for models that are not the released SD1/SD2/SDXL layout (a name that cannot be resolved is an "
+        "error).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16, bf16 or fp32 for every float tensor "
                                                  "(default: keep each tensor's dtype).")] = None,
     overwrite: OverwriteOpt = False,
@@ -27,7 +29,7 @@ def convert(
 ) -> None:
     """Rename an adapter between kohya and diffusers/PEFT naming; every weight delta stays the same.
 
-    kohya output uses the names every UI loads (SD1/SD2: lora_unet_down_blocks_... and lora_te_; SDXL: lora_unet_input_blocks_... and lora_te1_/lora_te2_) and keeps every adapter type. PEFT output holds LoRA/LoCon only, with alpha/rank folded into the factors (PEFT has no per-module alpha). Metadata is carried over.
+    kohya output uses the names every UI loads (SD1/SD2: lora_unet_down_blocks_... and lora_te_; SDXL: lora_unet_input_blocks_... and lora_te1_/lora_te2_) and keeps every adapter type. PEFT output is for diffusers/PEFT: ComfyUI and A1111 do not load its UNet keys (ComfyUI skips the attention layers, A1111 every dotted key); it holds LoRA/LoCon only, with alpha/rank folded into the factors (PEFT has no per-module alpha). Metadata is carried over. `loratools check keys FILE --loader all` shows what each program loads.
 
     Examples:
 

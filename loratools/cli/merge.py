@@ -103,8 +103,9 @@ def merge(
         "resize recipe (e.g. fro_lora=1,size=64 or sv_fro=0.9); several recipes with ':' need an output "
         "folder.")] = None,
     base_model: Annotated[Optional[Path], typer.Option(
-        "--base", metavar="MODEL", help="With --to-lora -r: the checkpoint for recipe scores that need it "
-        "(fro_ckpt, ...).")] = None,
+        "--base", metavar="MODEL", help="With --to-lora: the model the adapters were made for; module names "
+        "are resolved against it (needed only for custom-layout models, default: the released SD1/SD2/SDXL) and "
+        "recipe scores that need it (fro_ckpt, ...) read it.")] = None,
     v2: Annotated[bool, typer.Option("--v2", "--sd2", help="sd-scripts: SD2 model; the architecture is "
                                      "detected from the files, so this changes nothing.")] = False,
     no_metadata: Annotated[bool, typer.Option(
@@ -161,8 +162,6 @@ def merge(
             raise UsageError("--verify checks a merged checkpoint; it does not apply to --to-lora")
         if te_scale != 1.0:
             raise UsageError("--te-scale applies to merges into a checkpoint; scale the inputs with :WEIGHT instead")
-        if base_model is not None and recipe is None:
-            raise UsageError("--base is only used with -r RECIPE (recipe scores against the checkpoint)")
         if not positional:
             raise UsageError("give the LoRA files to combine (or --models a.safetensors b.safetensors)")
         _to_lora(resolve_inputs(positional, ratio), output, dtype, allow_unmatched, overwrite, title, recipe,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loratools.errors import ArchitectureMismatchError
+from loratools.keys.naming import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, unet_spelling
 
 ARCHES = ("sd1", "sd2", "sdxl")
 NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
@@ -212,7 +213,6 @@ _FOREIGN_ADAPTER = (
     ("lora_unet_single_blocks", "Flux (`single_blocks`)"),
     ("lora_unet_joint_blocks", "SD3 (`joint_blocks`)"),
 )
-_SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 
 
 def guess_adapter_arch(adapter: Any, metadata: Mapping[str, str] | None = None) -> ArchInfo | None:
@@ -230,7 +230,7 @@ def guess_adapter_arch(adapter: Any, metadata: Mapping[str, str] | None = None) 
     meta_arch = _metadata_arch(metadata)
 
     shape_arch, evidence = None, ""
-    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+    if any(n.startswith((TE1_PREFIX, TE2_PREFIX)) for n in modules):
         shape_arch, evidence = "sdxl", "`lora_te1_`/`lora_te2_` modules"
     else:
         for name, shape in modules.items():
@@ -241,12 +241,12 @@ def guess_adapter_arch(adapter: Any, metadata: Mapping[str, str] | None = None) 
                 break
         if shape_arch is None:
             for name, shape in modules.items():
-                if name.startswith("lora_te_") and name.endswith("q_proj") and shape is not None and len(shape) == 2:
+                if name.startswith(TE_PREFIX) and name.endswith("q_proj") and shape is not None and len(shape) == 2:
                     if shape[1] in (768, 1024):
                         shape_arch = "sd1" if shape[1] == 768 else "sd2"
                         evidence = f"text-encoder width {shape[1]}"
                     break
-    if shape_arch is None and any(_SGM_UNET.match(n) for n in modules) and meta_arch in (None, "sdxl"):
+    if shape_arch is None and any(unet_spelling(n) == "sgm" for n in modules) and meta_arch in (None, "sdxl"):
         shape_arch, evidence = "sdxl", "SGM-style UNet names (`lora_unet_input_blocks_*`)"
     if shape_arch and meta_arch and meta_arch != shape_arch:
         raise ArchitectureMismatchError(

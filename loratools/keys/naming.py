@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
 
 from loratools.errors import UsageError
 from loratools.keys.unet_blocks import UNetBlockTable
@@ -30,29 +30,33 @@ TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
 
-# kohya prefixes, longest first so `lora_te1_` is never read as `lora_te_` + "1_...".
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
+# The kohya module-name prefixes, defined here once (formats-spec 1.2). Every other module asks
+# for them: the adapter parser, the index, the loaders' rules, the trainer's networks.
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"  # the only text encoder (SD1 CLIP-L, SD2 OpenCLIP-H)
+TE1_PREFIX = "lora_te1_"  # SDXL CLIP-L
+TE2_PREFIX = "lora_te2_"  # SDXL OpenCLIP-bigG (HF names, q/k/v split)
+#: Longest first, so `lora_te1_` is never read as `lora_te_` + "1_...".
+KOHYA_TE_PREFIXES = (TE1_PREFIX, TE2_PREFIX, TE_PREFIX)
+KOHYA_PREFIXES = (UNET_PREFIX, *KOHYA_TE_PREFIXES)
+#: LyCORIS' own wrapper (SimpleTuner and others): `lycoris_` + diffusers module path.
+LYCORIS_PREFIX = "lycoris_"
 
 _TE_PREFIX = {
-    ("sd1", TEXT_ENCODER): "lora_te_",
-    ("sd2", TEXT_ENCODER): "lora_te_",
-    ("sdxl", TEXT_ENCODER): "lora_te1_",
-    ("sdxl", TEXT_ENCODER_2): "lora_te2_",
+    ("sd1", TEXT_ENCODER): TE_PREFIX,
+    ("sd2", TEXT_ENCODER): TE_PREFIX,
+    ("sdxl", TEXT_ENCODER): TE1_PREFIX,
+    ("sdxl", TEXT_ENCODER_2): TE2_PREFIX,
 }
+_PREFIX_COMPONENT = {UNET_PREFIX: UNET, TE1_PREFIX: TEXT_ENCODER, TE2_PREFIX: TEXT_ENCODER_2, TE_PREFIX: TEXT_ENCODER}
+#: Short labels for tables and JSON (`check weights` groups modules by them).
+_PREFIX_LABEL = {UNET_PREFIX: "unet", TE1_PREFIX: "te1", TE2_PREFIX: "te2", TE_PREFIX: "te"}
 
 TEXT_MODEL = "text_model."
-
-_TE_COMPONENT = {"lora_te1_": TEXT_ENCODER, "lora_te2_": TEXT_ENCODER_2, "lora_te_": TEXT_ENCODER}
-_TRANSFORMER_BLOCK_INNER = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                            "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3")
-_TRANSFORMER_INNER = ("proj_in", "proj_out", "norm")
-_CLIP_LAYER_INNER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                     "mlp.fc1", "mlp.fc2", "layer_norm1", "layer_norm2")
-_CLIP_OTHER = ("text_model.final_layer_norm", "text_model.embeddings.token_embedding",
-               "text_model.embeddings.position_embedding", "text_projection")
-# Generous bounds for the generated vocabulary (SDXL: 10 transformer blocks, bigG: 32 layers).
-_MAX_TRANSFORMER_DEPTH = 32
-_MAX_CLIP_LAYERS = 64
+_TE_LAYER = re.compile(r"^text_model_encoder_layers_(\d+)_")
+_SGM_WORDS = re.compile(r"^(input_blocks_\d|middle_block_\d|output_blocks_\d|time_embed_\d|label_emb_\d|out_\d)")
+_DIFFUSERS_WORDS = re.compile(r"^(down_blocks_|mid_block_|up_blocks_|conv_in|conv_out|conv_norm_out|time_embedding_"
+                              r"|add_embedding_)")
 
 
 def te_module_path(module_path: str) -> str:
@@ -127,56 +131,48 @@ def split_kohya_prefix(name: str) -> tuple[str, str] | None:
     return None
 
 
+def component_of(name: str) -> str | None:
+    """The component a kohya module name belongs to ("unet", "text_encoder", "text_encoder_2"), by
+    its prefix (`lora_te_` is the first text encoder); None for any other name."""
+    split = split_kohya_prefix(name)
+    return None if split is None else _PREFIX_COMPONENT[split[0]]
+
+
+def component_label(name: str) -> str:
+    """"unet", "te", "te1", "te2" for a kohya module name, "other" for anything else."""
+    split = split_kohya_prefix(name)
+    return "other" if split is None else _PREFIX_LABEL[split[0]]
+
+
+def te_layer(name: str) -> tuple[str, int] | None:
+    """(component label, encoder layer) of a kohya text-encoder layer module
+    (`lora_te1_text_model_encoder_layers_11_mlp_fc2` -> ("te1", 11)); None for anything else."""
+    split = split_kohya_prefix(name)
+    if split is None or split[0] == UNET_PREFIX:
+        return None
+    m = _TE_LAYER.match(split[1])
+    return None if m is None else (_PREFIX_LABEL[split[0]], int(m.group(1)))
+
+
+def unet_spelling(name: str) -> str | None:
+    """"sgm" for a kohya UNet name spelled by its LDM/SGM path (`lora_unet_input_blocks_4_1_...`),
+    "diffusers" for one spelled by its diffusers path (`lora_unet_down_blocks_1_attentions_0_...`),
+    None for anything else. The two spellings can only be related through a UNet layout."""
+    if not name.startswith(UNET_PREFIX):
+        return None
+    rest = name[len(UNET_PREFIX):]
+    if _SGM_WORDS.match(rest):
+        return "sgm"
+    if _DIFFUSERS_WORDS.match(rest):
+        return "diffusers"
+    return None
+
+
+def te_prefixes(arch: str) -> tuple[str, ...]:
+    """The text-encoder prefixes of an architecture's kohya files, in text-encoder order."""
+    return (TE1_PREFIX, TE2_PREFIX) if arch == "sdxl" else (TE_PREFIX,)
+
+
 def underscored(path: str) -> str:
     """A dotted module path in kohya's underscore spelling (one direction only: never invert)."""
     return path.replace(".", "_")
-
-
-class ModulePaths:
-    """Canonical kohya module name -> (component, dotted diffusers/transformers module path).
-
-    The inverse of ``kohya_name`` without a base checkpoint (``convert``, tests, anything that
-    needs a live module's path): a lookup table of every module path the UNet (diffusers and SGM
-    spellings, from its block table) and the CLIP text encoders can have, underscored. Never
-    splits on ``_``; two paths with one underscored spelling raise.
-
-    Example:
-        >>> ModulePaths(UNetBlockTable.standard("sdxl")).locate("lora_unet_input_blocks_4_1_proj_in")
-        ('unet', 'down_blocks.1.attentions.0.proj_in')
-    """
-
-    def __init__(self, table: UNetBlockTable) -> None:
-        self._unet: dict[str, str] = {}
-        for dif, ldm in table.pairs().items():
-            inner: Iterable[str] = ("",)
-            if ".attentions." in dif:
-                inner = ("", *_TRANSFORMER_INNER, *(f"transformer_blocks.{k}.{n}" for k in range(_MAX_TRANSFORMER_DEPTH)
-                                                    for n in _TRANSFORMER_BLOCK_INNER))
-            for rest in inner:
-                d, s = (f"{dif}.{rest}", f"{ldm}.{rest}") if rest else (dif, ldm)
-                self._add(self._unet, d, d)
-                self._add(self._unet, s, d)
-        self._te: dict[str, str] = {}
-        for n in range(_MAX_CLIP_LAYERS):
-            for rest in _CLIP_LAYER_INNER:
-                p = f"text_model.encoder.layers.{n}.{rest}"
-                self._add(self._te, p, p)
-        for p in _CLIP_OTHER:
-            self._add(self._te, p, p)
-
-    @staticmethod
-    def _add(table: dict[str, str], spelled: str, path: str) -> None:
-        key = spelled.replace(".", "_")
-        if table.setdefault(key, path) != path:
-            raise ValueError(f"{table[key]!r} and {path!r} are both spelled {key!r}")
-
-    def locate(self, name: str) -> tuple[str, str] | None:
-        """``("unet" | "text_encoder" | "text_encoder_2", dotted path)`` or None."""
-        if name.startswith("lora_unet_"):
-            path = self._unet.get(name[len("lora_unet_"):])
-            return None if path is None else ("unet", path)
-        for prefix, component in _TE_COMPONENT.items():
-            if name.startswith(prefix):
-                path = self._te.get(name[len(prefix):])
-                return None if path is None else (component, path)
-        return None

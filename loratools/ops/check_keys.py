@@ -1,9 +1,12 @@
-"""``loratools check keys``: will every module of an adapter land on a weight of this base model?
+"""``loratools check keys``: will every module of an adapter land on a weight of this base model,
+and which keys will ComfyUI, A1111 and diffusers load?
 
 The answer to the field's most common complaint ("lora key not loaded"), computed before merging
 or loading anything: architecture of both sides, every module resolved through the base's own
-alias index (`loratools.keys.index`), shapes compared, and modules that would be applied twice
-(two names for one weight, e.g. a file mixing SGM and diffusers names) flagged. Only headers are
+alias index (`loratools.keys.index`; without a base, the released model of the adapter's
+architecture), shapes compared, and modules that would be applied twice (two names for one
+weight, e.g. a file mixing SGM and diffusers names) flagged. With loaders chosen, each loader's
+own rules (`loratools.keys.loaders`) say per key: loaded, or skipped and why. Only headers are
 read: a 7 GB checkpoint is checked in well under a second.
 
 Example:
@@ -19,19 +22,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratools.errors import ArchitectureMismatchError
+from loratools.errors import ArchitectureMismatchError, UsageError
 from loratools.keys.arch import ArchInfo, check_compatible, guess_adapter_arch
 from loratools.keys.index import BaseIndex, Target, shapes_compatible
+from loratools.keys.loaders import LOADERS, REASONS, FileModule, LoaderReport, check_loader
 
 STATUSES = ("ok", "unmatched", "shape", "duplicate")
 
 
 @dataclass(frozen=True)
 class CheckKeysOptions:
-    """adapter: the LoRA/LyCORIS/PEFT file; base: a single-file checkpoint or a diffusers folder."""
+    """adapter: the LoRA/LyCORIS/PEFT file; base: a single-file checkpoint or a diffusers folder
+    (None: the released model of the adapter's architecture); loaders: any of "comfyui", "a1111",
+    "diffusers" (or "all") whose rules are applied to every key."""
 
     adapter: Path
-    base: Path
+    base: Path | None = None
+    loaders: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        chosen = LOADERS if "all" in self.loaders else tuple(dict.fromkeys(self.loaders))
+        for name in chosen:
+            if name not in LOADERS:
+                raise UsageError(f"--loader {name!r} is not a loader loratools knows; use one of: "
+                                 f"{', '.join(LOADERS)}, all")
+        object.__setattr__(self, "loaders", chosen)
 
 
 @dataclass(frozen=True)
@@ -65,12 +80,13 @@ class CheckKeysResult:
     """What `check_keys` found. `ok` is False on any problem (the CLI exits 1)."""
 
     adapter: Path
-    base: Path
+    base: Path | None
     base_arch: ArchInfo
     adapter_arch: ArchInfo | None
     modules: list[ModuleCheck]
     unknown_keys: list[str] = field(default_factory=list)
     arch_problem: str | None = None
+    loaders: list[LoaderReport] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for m in self.modules if m.status == status)
@@ -81,7 +97,14 @@ class CheckKeysResult:
 
     @property
     def ok(self) -> bool:
-        return self.arch_problem is None and not self.unknown_keys and self.applied == len(self.modules)
+        """No problem with the base and no chosen loader skips a key."""
+        return (self.arch_problem is None and not self.unknown_keys and self.applied == len(self.modules)
+                and all(r.ok for r in self.loaders))
+
+    @property
+    def base_label(self) -> str:
+        """"SDXL" for a given base; "the released SDXL (no --base)" otherwise."""
+        return self.base_arch.label if self.base is not None else f"the released {self.base_arch.label} (no --base)"
 
     @property
     def summary(self) -> str:
@@ -94,7 +117,7 @@ class CheckKeysResult:
         if self.unknown_keys:
             parts.append(f"{len(self.unknown_keys)} keys of no known adapter type")
         lora = self.adapter_arch.label if self.adapter_arch else "unknown"
-        parts.append(f"LoRA: {lora}, base: {self.base_arch.label}")
+        parts.append(f"LoRA: {lora}, base: {self.base_label}")
         return "; ".join(parts)
 
     def problems(self) -> list[str]:
@@ -117,11 +140,18 @@ class CheckKeysResult:
         if self.unknown_keys:
             out.append(f"{len(self.unknown_keys)} key(s) belong to no adapter type loratools knows "
                        "(they would be ignored by a merge)")
+        for report in self.loaders:
+            if report.refused:
+                out.append(f"{report.label} would not load the file: {report.refused}")
+            elif not report.ok:
+                reasons = ", ".join(f"{n} {REASONS[r]}" for r, n in sorted(report.reasons().items()))
+                out.append(f"{report.label} would skip {len(report.skipped)} of {report.keys} keys ({reasons})")
         return out
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "adapter": str(self.adapter), "base": str(self.base), "ok": self.ok, "summary": self.summary,
+            "adapter": str(self.adapter), "base": None if self.base is None else str(self.base), "ok": self.ok,
+            "summary": self.summary,
             "adapter_arch": self.adapter_arch.label if self.adapter_arch else None,
             "base_arch": self.base_arch.label, "modules_total": len(self.modules), "applied": self.applied,
             "unmatched": [m.name for m in self.modules if m.status == "unmatched"],
@@ -129,25 +159,56 @@ class CheckKeysResult:
             "duplicates": [m.as_json() for m in self.modules if m.status == "duplicate"],
             "unknown_keys": self.unknown_keys, "problems": self.problems(),
             "modules": [m.as_json() for m in self.modules],
+            "loaders": {r.loader: r.as_json() for r in self.loaders},
         }
 
 
 def check_keys(opts: CheckKeysOptions) -> CheckKeysResult:
-    """Check an adapter file against a base model, reading headers only.
+    """Check an adapter file against a base model (or the released model of its architecture),
+    and against the chosen loaders' rules, reading headers only.
 
     Raises:
         InvalidFileError: a file is missing or unreadable.
-        ArchitectureMismatchError: the *base* is not SD1/SD2/SDXL (nothing to check against).
+        ArchitectureMismatchError: the *base* is not SD1/SD2/SDXL (nothing to check against), or
+            without a base, the adapter's architecture cannot be told.
     """
     from loratools.io.checkpoint import open_model
 
-    summary, metadata = _adapter_header(opts.adapter)
-    index = BaseIndex.from_model(open_model(opts.base))
-    return check_header(summary, metadata, index, adapter=opts.adapter, base=opts.base)
+    summary, metadata, shapes = _adapter_header(opts.adapter)
+    if opts.base is not None:
+        index = BaseIndex.from_model(open_model(opts.base))
+    else:
+        index = BaseIndex.standard(_adapter_arch(summary, metadata, opts.adapter))
+    result = check_header(summary, metadata, index, adapter=opts.adapter, base=opts.base)
+    modules = file_modules(shapes, metadata, summary)
+    result.loaders = [check_loader(name, shapes, modules, index) for name in opts.loaders]
+    return result
+
+
+def file_modules(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], summary: Any
+                 ) -> list[FileModule]:
+    """The file's modules with their keys (the adapter parser's grouping) for the loaders' rules."""
+    from loratools.adapters.names import group_keys
+
+    out = []
+    for name, group in group_keys(shapes, metadata).modules.items():
+        module = summary.modules.get(name)
+        shape = tuple(module.weight_shape) if module is not None and module.weight_shape is not None else None
+        out.append(FileModule(name, group.source_name, tuple(group.keys.values()), shape))
+    return out
+
+
+def _adapter_arch(summary: Any, metadata: Mapping[str, str], path: Path) -> str:
+    info = guess_adapter_arch(summary, metadata)
+    if info is None:
+        raise ArchitectureMismatchError(
+            "cannot tell the adapter's architecture (no text-encoder prefix, no cross-attention module of a known "
+            "width, no ss_base_model_version metadata); pass --base with the model it was made for", path=path)
+    return info.arch
 
 
 def check_header(summary: Any, metadata: Mapping[str, str], index: BaseIndex, *,
-                 adapter: Path, base: Path) -> CheckKeysResult:
+                 adapter: Path, base: Path | None) -> CheckKeysResult:
     """The check itself, on a `describe_header` summary and a built index (tests call this with
     fixture shapes)."""
     arch_problem = None
@@ -201,16 +262,18 @@ def _safe_guess(summary: Any, metadata: Mapping[str, str]) -> ArchInfo | None:
         return None
 
 
-def _adapter_header(path: Path) -> tuple[Any, dict[str, str]]:
-    """A `describe_header` summary of an adapter without reading tensor data (safetensors), or
-    from the loaded tensors' shapes (pickles)."""
+def _adapter_header(path: Path) -> tuple[Any, dict[str, str], dict[str, tuple[int, ...]]]:
+    """A `describe_header` summary, the metadata and `{key: shape}` of an adapter without reading
+    tensor data (safetensors), or from the loaded tensors' shapes (pickles)."""
     from loratools.adapters import describe_header
     from loratools.io.checkpoint import open_state_dict
     from loratools.io.header import read_header
 
     if path.suffix.lower() == ".safetensors":
         header = read_header(path)
-        return describe_header(header.tensors, header.metadata), dict(header.metadata)
+        shapes = {k: tuple(v.shape) for k, v in header.tensors.items()}
+        return describe_header(header.tensors, header.metadata), dict(header.metadata), shapes
     sd = open_state_dict(path)
     metadata = dict(getattr(sd, "metadata", None) or {})
-    return describe_header({k: tuple(v.shape) for k, v in sd.items()}, metadata), metadata
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    return describe_header(shapes, metadata), metadata, shapes

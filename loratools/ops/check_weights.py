@@ -29,7 +29,6 @@ SDXL layer costs two thin matmuls. Other types are small per module and use ``de
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import UsageError
+from loratools.keys.naming import TE1_PREFIX, TE2_PREFIX, component_label, te_layer
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,6 @@ FAILABLE = STATUSES[1:]  # an ``ok`` module never fails a check
 FP16_TINY = 2.0 ** -14  # smallest normal fp16, 6.1e-5
 FP16_FLUSH = 2.0 ** -25  # |x| <= this rounds to 0 in fp16 (half the smallest subnormal, ties to even)
 _FP16_HALF_STEP = 2.0 ** -25  # largest rounding error of an fp16 subnormal
-_TE_LAYER = re.compile(r"^lora_te([12]?)_text_model_encoder_layers_(\d+)_")
 
 
 @dataclass(frozen=True)
@@ -205,28 +204,21 @@ def _clip_skip(metadata: Mapping[str, str]) -> int | None:
 
 def _expected_dead(name: str, arch: str | None, clip_skip: int | None, last_layer: dict[str, int]) -> str | None:
     """Why a dead module is expected (its text-encoder layer is never used), or None."""
-    m = _TE_LAYER.match(name)
-    if m is None:
+    found = te_layer(name)
+    if found is None:
         return None
-    te, layer = m.group(1), int(m.group(2))
+    te, layer = found
     last = last_layer.get(te)
     if last is None:
         return None
-    if arch == "sdxl" and te == "1" and layer == last:
+    if arch == "sdxl" and te == "te1" and layer == last:
         return f"SDXL text encoder 1 layer {layer} is never used: sd-scripts reads its penultimate layer"
-    if te == "" and arch in ("sd1", "sd2", None):
+    if te == "te" and arch in ("sd1", "sd2", None):
         skip = clip_skip if clip_skip is not None else (2 if arch == "sd1" else None)
         if skip is not None and skip > 1 and layer > last - (skip - 1):
             origin = f"clip skip {skip}" if clip_skip is not None else "clip skip 2 assumed (no ss_clip_skip)"
             return f"text-encoder layer {layer} is unused at {origin}"
     return None
-
-
-def _component(name: str) -> str:
-    for prefix, comp in (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te")):
-        if name.startswith(prefix):
-            return comp
-    return "other"
 
 
 def check_module(module: AdapterModule, options: CheckOptions, source: Mapping[str, str] | None = None) -> ModuleCheck:
@@ -253,7 +245,7 @@ def check_module(module: AdapterModule, options: CheckOptions, source: Mapping[s
     first = next(iter(tensors.values()))
     note = "DoRA/IA3 delta depends on the base weight; norm not computed" if norm is None else None
     loss = fp16_loss(as_float, {s: t.dtype for s, t in tensors.items()}) if status == "underflow" else None
-    check = ModuleCheck(name=module.name, kind=module.kind, component=_component(module.name), rank=module.rank,
+    check = ModuleCheck(name=module.name, kind=module.kind, component=component_label(module.name), rank=module.rank,
                         alpha=module.alpha, dtype=from_torch(first.dtype), tensors=stats, scale=module.scale,
                         delta_norm=norm, status=status, note=note, fp16_loss=loss)
     if loss is not None and loss <= options.underflow_tolerance:
@@ -321,14 +313,14 @@ def check_adapter(adapter: AdapterFile, options: CheckOptions = CheckOptions(), 
         arch = info.arch if info is not None else None
     except ArchitectureMismatchError:
         arch = None
-    if arch is None and any(n.startswith(("lora_te1_", "lora_te2_")) for n in adapter.modules):
+    if arch is None and any(n.startswith((TE1_PREFIX, TE2_PREFIX)) for n in adapter.modules):
         arch = "sdxl"
     clip_skip = _clip_skip(adapter.metadata)
     last_layer: dict[str, int] = {}
     for name in adapter.modules:
-        m = _TE_LAYER.match(name)
-        if m:
-            last_layer[m.group(1)] = max(last_layer.get(m.group(1), -1), int(m.group(2)))
+        found = te_layer(name)
+        if found:
+            last_layer[found[0]] = max(last_layer.get(found[0], -1), found[1])
     checks = []
     with _one_thread():
         for module in adapter.modules.values():

@@ -15,8 +15,13 @@ LyCORIS types have no diffusers/PEFT form and are refused with the fix.
 Metadata is carried over, except ``lora_adapter_metadata`` (its alphas are now in the tensors)
 and ``sshs_*`` hashes (recomputed for kohya output, dropped for PEFT output).
 
-Module names are turned back into dotted paths by lookup (``loratools.keys.naming.ModulePaths``),
-never by splitting on ``_``.
+Module names are resolved through the one vocabulary (``loratools.keys``): against ``--base`` when
+given, else against the released model of the architecture, where a name spelled by its SGM path
+must also fit the released shapes (a tiny or custom-layout model uses the same words for other
+blocks). A module that cannot be resolved is an error naming it, never a silent guess.
+
+PEFT output is for diffusers/PEFT users: ComfyUI does not map PEFT UNet attention keys and A1111
+no dotted key at all (``loratools check keys --loader``), so the run says so in a warning.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ if TYPE_CHECKING:
     import torch
 
     from loratools.adapters import AdapterFile, AdapterModule
-    from loratools.keys.unet_blocks import UNetBlockTable
+    from loratools.keys.index import BaseIndex
 
 TARGETS: tuple[str, ...] = ("kohya", "peft")
+#: Said when PEFT names are written (help text and one warning per run).
+PEFT_LOADERS_NOTE = ("PEFT names load in diffusers/PEFT only: ComfyUI skips their UNet attention keys and A1111 "
+                     "every key; use --to kohya for files that must load everywhere")
 
 # UNet modules outside the down/mid/up blocks (formats-spec 7.2, 7.3)
 _OUTSIDE_BLOCKS = ("conv_in", "conv_out", "conv_norm_out", "time_embedding.", "add_embedding.")
@@ -51,8 +59,8 @@ class ConvertOptions:
         output: the file to write (never one of the inputs).
         to: "kohya" or "peft".
         arch: "sd1", "sd2" or "sdxl" to override detection.
-        base: a base model (file or diffusers folder) whose UNet layout names the blocks; needed
-            only for UNets that are not the released SD1/SD2/SDXL layout.
+        base: a base model (file or diffusers folder) the names are resolved against; needed only
+            for models that are not the released SD1/SD2/SDXL layout.
         dtype: "fp16", "bf16" or "fp32" for every float tensor; None keeps each tensor's dtype.
         overwrite: replace an existing output.
     """
@@ -107,33 +115,33 @@ def convert(options: ConvertOptions) -> ConvertResult:
     """
     from loratools.adapters import load_adapter, require_modules
     from loratools.io.writer import check_output_path, save_tensors
-    from loratools.keys.naming import ModulePaths
+    from loratools.keys.resolve import module_shapes, place_modules
 
     check_output_path(options.output, overwrite=options.overwrite, protected=_protected(options))
     adapter = require_modules(load_adapter(options.input))
-    arch, table = _arch_and_table(adapter, options)
-    names = ModulePaths(table)
+    index = _index(adapter, options)
+    arch = index.arch.arch
+    placements = place_modules(module_shapes(adapter), index)
+    if placements.unresolved:
+        first = adapter.modules[placements.unresolved[0]].source_name
+        raise UnmatchedModulesError(
+            f"{len(placements.unresolved)} module(s) cannot be named for {index.arch.label} (first: {first}): "
+            f"{placements.hint()}", [adapter.modules[n].source_name for n in placements.unresolved],
+            path=options.input)
+    _refuse_two_on_one_weight(adapter, placements, options.input)
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, int] = {}
-    unmatched: list[str] = []
     outside_blocks: list[str] = []
     for module in adapter.modules.values():
-        located = names.locate(module.name)
-        if located is None:
-            unmatched.append(module.source_name)
-            continue
+        placed = placements.placed[module.name]
+        info = index.info(placed.target)
         kinds[module.kind] = kinds.get(module.kind, 0) + 1
-        if located[0] == "unet" and located[1].startswith(_OUTSIDE_BLOCKS):
+        if info.component == "unet" and info.path.startswith(_OUTSIDE_BLOCKS):
             outside_blocks.append(module.source_name)
         if options.to == "kohya":
-            tensors.update(_kohya_tensors(module, *located, arch, table))
+            tensors.update(_kohya_tensors(module, placed.write_name))
         else:
-            tensors.update(_peft_tensors(module, *located, options.dtype, options.input))
-    if unmatched:
-        raise UnmatchedModulesError(
-            f"{len(unmatched)} module(s) are not {arch} UNet or CLIP text-encoder modules (first: {unmatched[0]}); "
-            "pass --base with the model the adapter was made for, or --arch if the architecture was misdetected",
-            unmatched, path=options.input)
+            tensors.update(_peft_tensors(module, info.peft_name, options.dtype, options.input))
     for key, t in adapter.unknown.items():
         if key in tensors:
             raise UsageError(f"unknown key {key!r} collides with a converted key; remove it from the input",
@@ -148,6 +156,10 @@ def convert(options: ConvertOptions) -> ConvertResult:
                            overwrite=options.overwrite, protected=_protected(options),
                            sshs_hashes=options.to == "kohya")
     warnings = list(adapter.warnings)
+    if placements.unfit_note():
+        warnings.append(placements.unfit_note())
+    if options.to == "peft":
+        warnings.append(PEFT_LOADERS_NOTE)
     if outside_blocks and options.to == "kohya":
         warnings.append(f"{len(outside_blocks)} module(s) outside the UNet blocks (first: {outside_blocks[0]}): "
                         "ComfyUI and A1111 load them, diffusers' kohya loader refuses such files")
@@ -164,41 +176,48 @@ def _protected(options: ConvertOptions) -> list[Path]:
     return [options.input] + ([options.base] if options.base is not None and options.base.is_file() else [])
 
 
-def _arch_and_table(adapter: AdapterFile, options: ConvertOptions) -> tuple[str, UNetBlockTable]:
-    """Architecture (option > base model > adapter) and the UNet block table (base > standard)."""
-    from loratools.keys.arch import detect_adapter_arch, detect_checkpoint_arch
-    from loratools.keys.unet_blocks import UNetBlockTable
+def _index(adapter: AdapterFile, options: ConvertOptions) -> BaseIndex:
+    """The vocabulary to name modules by: the base model's (its architecture must match
+    ``--arch`` and the adapter's), else the released model of ``--arch`` or the detected one."""
+    from loratools.keys.arch import check_compatible, detect_adapter_arch, guess_adapter_arch
+    from loratools.keys.index import BaseIndex
 
     if options.base is not None:
         from loratools.io.checkpoint import open_model
 
-        model = open_model(options.base)
-        arch = options.arch or detect_checkpoint_arch(model).arch
-        component = "unet" if model.layout == "diffusers" else ""
-        return arch, UNetBlockTable.from_keys(model.key_shapes(component))
-    arch = options.arch or detect_adapter_arch(adapter).arch
-    return arch, UNetBlockTable.standard(arch)
+        index = BaseIndex.from_model(open_model(options.base))
+        if options.arch is not None and options.arch != index.arch.arch:
+            raise UsageError(f"--arch {options.arch} but the base {options.base.name} is {index.arch.label}",
+                             path=options.base)
+        check_compatible(guess_adapter_arch(adapter), index.arch)
+        return index
+    return BaseIndex.standard(options.arch or detect_adapter_arch(adapter).arch)
 
 
-def _kohya_tensors(module: AdapterModule, component: str, path: str, arch: str,
-                   table: UNetBlockTable) -> dict[str, torch.Tensor]:
+def _refuse_two_on_one_weight(adapter: AdapterFile, placements, path: Path) -> None:
+    """A file naming one weight twice (mixed spellings) has no single converted form."""
+    owner: dict = {}
+    for name, placed in placements.placed.items():
+        other = owner.setdefault(placed.target, name)
+        if other != name:
+            raise UsageError(f"modules {adapter.modules[other].source_name} and {adapter.modules[name].source_name} "
+                             "both change the same weight (the file mixes naming styles); keep one of them",
+                             path=path)
+
+
+def _kohya_tensors(module: AdapterModule, name: str) -> dict[str, torch.Tensor]:
     import torch
 
-    from loratools.keys.naming import kohya_name
-
-    name = kohya_name(component, path, arch, unet_table=table)
     tensors = module.tensors()
     if module.kind == "lora" and "alpha" not in tensors:
         tensors["alpha"] = torch.tensor(float(module.rank), dtype=tensors["lora_down.weight"].dtype)
     return {f"{name}.{suffix}": t for suffix, t in tensors.items()}
 
 
-def _peft_tensors(module: AdapterModule, component: str, path: str, dtype: str | None,
-                  source: Path) -> dict[str, torch.Tensor]:
+def _peft_tensors(module: AdapterModule, name: str, dtype: str | None, source: Path) -> dict[str, torch.Tensor]:
     import torch
 
     from loratools.adapters import LoRAModule
-    from loratools.keys.naming import peft_name
 
     if not isinstance(module, LoRAModule):
         raise UsageError(f"module {module.source_name} is {module.kind}: diffusers/PEFT files hold LoRA only; "
@@ -210,7 +229,6 @@ def _peft_tensors(module: AdapterModule, component: str, path: str, dtype: str |
     if module.mid is not None:  # Tucker: core folded into a kxk lora_A, same rank
         down = torch.einsum("abhw,bi->aihw", module.mid.detach().float(), down.flatten(1))
     to_down, to_up = _split_scale(module.scale)
-    name = peft_name(component, path)
     out = parse_dtype_name(dtype)  # one rounding, from float32
     return {f"{name}.lora_A.weight": (down * to_down).to(out or module.down.dtype),
             f"{name}.lora_B.weight": (up * to_up).to(out or module.up.dtype)}

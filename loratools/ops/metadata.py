@@ -259,21 +259,11 @@ def _describe_training(s: MetadataSummary, decoded: dict[str, Any], top_tags: in
     s.hashes = {k: v for k, v in s.raw.items() if k in ("sshs_model_hash", "sshs_legacy_hash")}
 
 
-COMPONENT_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"))
-
-
-def component_of(name: str) -> str:
-    """UNet / text encoder of a canonical kohya module name ("other" for prefixes we do not map)."""
-    for prefix, comp in COMPONENT_PREFIXES:
-        if name.startswith(prefix):
-            return comp
-    return "other"
-
-
 def _describe_modules(s: MetadataSummary, header: SafetensorsHeader) -> None:
     """Adapter types, counts and rank/alpha from names and shapes; alphas read as scalars."""
     from loratools.adapters import describe_header
     from loratools.io.reader import read_scalars
+    from loratools.keys.naming import component_label
 
     try:
         summary = describe_header(header.tensors, header.metadata)
@@ -294,7 +284,7 @@ def _describe_modules(s: MetadataSummary, header: SafetensorsHeader) -> None:
     scales: Counter[str] = Counter()
     for m in summary.modules.values():
         kinds[m.kind + ("+dora" if m.dora else "")] += 1
-        comps[component_of(m.name)] += 1
+        comps[component_label(m.name)] += 1
         alpha = m.alpha if m.alpha is not None else alpha_of.get(m.alpha_key or "")
         if m.rank is None:
             ranks["-"] += 1

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from loratools.errors import UsageError
+from loratools.keys.naming import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UNET_PREFIX
 from trainer.network.fast import FactorPair, MaxNormGroup, lean_forward
 from trainer.network.names import KohyaNamer
 
@@ -122,24 +123,22 @@ class LycorisAdapter(nn.Module):
             self.load_kohya_state_dict(weights)
 
     def _name_map(self, unet, text_encoders) -> dict[str, str]:
-        """lycoris module name -> kohya module name, for every wrapped module."""
-        namer = KohyaNamer(self.arch, unet.config)
-        mapping: dict[str, str] = {}
-        for path, _ in unet.named_modules():
-            if path:
-                mapping[f"lora_unet_{path.replace('.', '_')}"] = path
-        te_prefixes = ["lora_te1", "lora_te2"] if len(text_encoders) > 1 else ["lora_te"]
+        """lycoris module name -> kohya module name, for every wrapped module. lycoris names a
+        module by its own prefix + the live module path with `_` (`lora_te1_`/`lora_te2_` when it
+        gets two text encoders, `lora_te_` for one): looked up in the models' own module lists,
+        then named by the one vocabulary."""
+        namer = KohyaNamer(self.arch, unet, text_encoders)
+        components = [(UNET_PREFIX, unet, namer.unet)]
+        te_names = [TE1_PREFIX, TE2_PREFIX] if len(text_encoders) > 1 else [TE_PREFIX]
+        components += [(p, te, lambda path, i=i: namer.text_encoder(i, path))
+                       for i, (p, te) in enumerate(zip(te_names, text_encoders))]
+        wrapped = {lora.lora_name for lora in self.net.loras}
         out: dict[str, str] = {}
-        for lora in self.net.loras:
-            name = lora.lora_name
-            if name.startswith("lora_unet_"):
-                out[name] = namer.unet(mapping[name])
-                continue
-            for i, prefix in enumerate(te_prefixes):
-                if name.startswith(prefix + "_"):
-                    path = name[len(prefix) + 1:]
-                    out[name] = namer.text_encoder(i, _te_path(text_encoders[i], path))
-                    break
+        for prefix, model, name_of in components:
+            for path, _ in model.named_modules():
+                name = prefix + path.replace(".", "_")
+                if path and name in wrapped:
+                    out[name] = name_of(path)
         return out
 
     # -- loop interface -------------------------------------------------------------------
@@ -252,12 +251,3 @@ def _anchor_ia3_names(preset: dict) -> dict:
         out[key] = [anchor(n) for n in preset.get(key, [])]
     out["name_algo_map"] = {anchor(k): v for k, v in preset.get("name_algo_map", {}).items()}
     return out
-
-
-def _te_path(text_encoder, underscored: str) -> str:
-    """The dotted module path of a text-encoder module from lycoris' underscored name (looked up
-    in the model's own module list, never by splitting on `_`)."""
-    for path, _ in text_encoder.named_modules():
-        if path.replace(".", "_") == underscored:
-            return path
-    raise UsageError(f"lycoris module {underscored!r} not found in the text encoder")

@@ -3,7 +3,6 @@ optimizer parameter groups (sd-scripts §1.5-1.7, §2.5)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +10,8 @@ import torch
 from torch import nn
 
 from loratools.errors import UsageError
+from loratools.keys.blocks import NUM_BLOCKS, block_slot
+from loratools.keys.naming import te_prefixes
 from trainer.network.lora import LoRAModule, apply_max_norm
 from trainer.network.names import KohyaNamer
 
@@ -18,32 +19,10 @@ UNET_TARGETS = ("Transformer2DModel",)
 UNET_TARGETS_CONV3X3 = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
-#: block_dims slots per architecture: SD1/SD2 IN00-IN11 (IN00 = conv_in: no LoRA), M00, OUT00-OUT11;
-#: SDXL time/label embedding, input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out.
-NUM_BLOCKS = {"sd1": 25, "sd2": 25, "sdxl": 23}
-
-_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
-
 
 def block_index(lora_name: str, arch: str) -> int:
-    """sd-scripts' block slot of a UNet module name (−1 when none applies)."""
-    if arch != "sdxl":
-        m = _RE_UPDOWN.search(lora_name)
-        if m:
-            i, kind, j = int(m[2]), m[3], int(m[4])
-            idx = 3 * i + (2 if kind in ("upsamplers", "downsamplers") else j)
-            return 1 + idx if m[1] == "down" else 12 + 1 + idx
-        return 12 if "mid_block_" in lora_name else -1
-    name = lora_name[len("lora_unet_"):] if lora_name.startswith("lora_unet_") else lora_name
-    if name.startswith(("time_embed_", "label_emb_")):
-        return 0
-    if name.startswith("input_blocks_"):
-        return 1 + int(name.split("_")[2])
-    if name.startswith("middle_block_"):
-        return 10 + int(name.split("_")[2])
-    if name.startswith("output_blocks_"):
-        return 13 + int(name.split("_")[2])
-    return 22 if name.startswith("out_") else -1
+    """sd-scripts' block slot of a UNet module name (−1 when none applies); `loratools.keys.blocks`."""
+    return block_slot(lora_name, arch)
 
 
 @dataclass
@@ -237,7 +216,7 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.arch = arch
         self.opts = opts
-        namer = KohyaNamer(arch, unet.config)
+        namer = KohyaNamer(arch, unet, text_encoders)
         from_file = _ranks_from_weights(weights) if weights is not None else None
         include_conv = opts.conv_enabled or (from_file is not None and any(
             w.dim() == 4 and w.shape[2:] != (1, 1) for w in weights.values()))
@@ -339,7 +318,7 @@ class LoRANetwork(nn.Module):
                 descriptions.append(label + (" plus" if is_plus else ""))
 
         te_ratio = o.loraplus_text_encoder_lr_ratio or o.loraplus_lr_ratio
-        prefixes = ["lora_te1_", "lora_te2_"] if self.arch == "sdxl" else ["lora_te_"]
+        prefixes = te_prefixes(self.arch)
         for i, prefix in enumerate(prefixes):
             loras = [m for m in self.text_encoder_loras if m.lora_name.startswith(prefix)]
             label = "textencoder" if len(prefixes) == 1 else f"textencoder{i + 1}"

@@ -103,6 +103,8 @@ def build_plan(index, adapters: list[tuple[Path, float, AdapterFile]], te_scale:
         InvalidFileError: two modules of one file patch the same weight (mixed naming styles would
             apply it twice, formats-spec 7.13).
     """
+    from loratools.keys.naming import component_of
+
     patches: dict[tuple[str, str], list[Patch]] = defaultdict(list)
     plans: list[AdapterPlan] = []
     for i, (path, ratio, adapter) in enumerate(adapters):
@@ -133,7 +135,7 @@ def build_plan(index, adapters: list[tuple[Path, float, AdapterFile]], te_scale:
                         f"{'' if target.rows is None else f' rows {target.rows[0]}:{target.rows[1]}'}; "
                         "the file mixes naming styles; keep one of them", path=path)
                 seen[slot] = name
-                scaled = ratio * te_scale if name.startswith("lora_te") else ratio
+                scaled = ratio * te_scale if component_of(name) not in (None, "unet") else ratio
                 patches[(target.component, key)].append(Patch(i, module, scaled, target.rows, is_bias))
             plan.applied.append(name)
         plan.unmatched.extend(f"{key} (unrecognised tensor)" for key in sorted(adapter.unknown))

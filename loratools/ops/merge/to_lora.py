@@ -1,8 +1,12 @@
 """LoRA + LoRA -> one adapter file: ``loratools merge --to-lora A[:w] B[:w] ... -o OUT``.
 
-Default is exact: for every module name, the members that have it are combined so that the
+Default is exact: for every base weight, the members that change it are combined so that the
 output's delta is ``sum_j w_j * delta_j`` (user-asks 19: different ranks, modules present in only some
-inputs, conv layers). How a layer is combined depends on its members' types:
+inputs, conv layers). Members are matched by the weight they change, not by their spelling: a PEFT
+``unet.down_blocks.1...to_q`` and a kohya ``lora_unet_input_blocks_4_1_..._to_q`` are one layer,
+written once under the kohya name ``loratools.keys`` chooses (``keys.resolve``; against ``base``
+when given, else the released model of the inputs' architecture). How a layer is combined depends
+on its members' types:
 
 * all LoRA/LoCon/Tucker (no DoRA): rank concatenation (``concat.concat_factors``; ranks add);
 * a single member of any type: its weight folded into one factor (``hada_w1_a``, ``lokr_w1``, ``diff``,
@@ -56,7 +60,9 @@ class LoraMergeOptions:
         title: ``modelspec.title`` (default: output file stem).
         recipe: resize recipe(s) to re-compress the combination with (None: exact, ranks add); with
             several recipes (``:``-separated) ``output`` is a folder.
-        base: checkpoint for recipe scores that need it (``fro_ckpt``, ``spn_ckpt``, ``subspace``).
+        base: the base model: module names are resolved against it (needed for custom-layout models
+            whose inputs spell modules differently) and recipe scores that need it (``fro_ckpt``,
+            ``spn_ckpt``, ``subspace``) read it.
         device: where the re-compression's decompositions run (``cpu``, ``cuda``).
     """
 
@@ -233,7 +239,7 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
     from loratools.ops.merge.fuse import finite_range
     from loratools.io.writer import check_output_path
 
-    protected = [wp.path for wp in opts.adapters]
+    protected = [wp.path for wp in opts.adapters] + ([opts.base] if opts.base is not None and opts.base.is_file() else [])
     if opts.recipe is None:
         check_output_path(opts.output, overwrite=opts.overwrite, protected=protected)
     elif opts.output.suffix.lower() == ".safetensors":
@@ -248,12 +254,13 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
     if opts.recipe is not None:
         dtype = torch.float32  # the resize engine reads the exact combination; it casts at the end
 
-    names = sorted({n for _, a in loaded for n in a.modules})
+    layers, naming_notes = _layers(opts, loaded, arch)
+    names = sorted(layers)
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, int] = {}
     ranks, alphas, omitted = [], [], []
     for name in names:
-        members = [(wp.ratio, a.modules[name]) for wp, a in loaded if name in a.modules]
+        members = layers[name]
         combined = combine_layer(name, members, dtype)
         if combined is None:
             omitted.append(name)
@@ -280,13 +287,91 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
     meta = lora_metadata(loaded[0][1].metadata, arch=arch, adapters=records, output=opts.output, ranks=ranks,
                          alphas=alphas, title=opts.title, recipe=opts.recipe)
     result = LoraMergeResult(opts.output, arch, records, len(names) - len(omitted), kinds, ranks, dropped, omitted,
-                             warnings=[f"{wp.path.name}: {w}" for wp, adapter in loaded for w in adapter.warnings])
+                             warnings=[f"{wp.path.name}: {w}" for wp, adapter in loaded for w in adapter.warnings]
+                             + naming_notes)
     if opts.recipe is None:
         result.file = save_tensors(opts.output, tensors, meta, overwrite=opts.overwrite, protected=protected,
                                    sshs_hashes=True)
     else:
         result.resized = _recompress(opts, tensors, meta, final_dtype)
     return result
+
+
+def _layers(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, AdapterFile]], arch: str
+            ) -> tuple[dict[str, list[tuple[float, AdapterModule]]], list[str]]:
+    """``{kohya name to write: [(weight, module), ...]}``: every input module grouped with the
+    other inputs' modules that change the same base weight, whatever their spelling; plus notes.
+
+    Raises:
+        UnmatchedModulesError: a module that names no weight of the base / released model, or
+            (without a base) an SGM-spelled module whose layout cannot be known.
+        InvalidFileError: two modules of one input change the same weight.
+        UsageError: without any index, inputs spelling the UNet both ways.
+    """
+    from loratools.errors import InvalidFileError
+    from loratools.keys.resolve import index_for, module_shapes, place_modules
+
+    index = index_for(arch if arch != "unknown" else None, _base_index(opts, loaded))
+    if index is None:
+        return _layers_by_name(loaded), []
+    layers: dict[object, list[tuple[float, AdapterModule]]] = {}
+    write: dict[object, str] = {}
+    unresolved, notes = [], []
+    for wp, adapter in loaded:
+        placements = place_modules(module_shapes(adapter), index)
+        unresolved += [f"{wp.path.name}: {adapter.modules[n].source_name}" for n in placements.unresolved]
+        if placements.unfit_note():
+            notes.append(f"{wp.path.name}: {placements.unfit_note()}")
+        owner: dict[object, str] = {}
+        for name, placed in placements.placed.items():
+            if placed.target in owner:
+                raise InvalidFileError(f"modules {owner[placed.target]} and {name} both change {placed.target.key}; "
+                                       "the file mixes naming styles; keep one of them", path=wp.path)
+            owner[placed.target] = name
+            layers.setdefault(placed.target, []).append((wp.ratio, adapter.modules[name]))
+            write.setdefault(placed.target, placed.write_name)
+    if unresolved:
+        raise UnmatchedModulesError(f"{len(unresolved)} module(s) cannot be matched to a weight of "
+                                    f"{index.arch.label} (first: {unresolved[0]}): "
+                                    f"{place_modules({}, index).hint()}", unresolved)
+    return {write[t]: members for t, members in layers.items()}, notes
+
+
+def _base_index(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, AdapterFile]]):
+    """The base model's index when ``--base`` is given (every input must be for its architecture)."""
+    if opts.base is None:
+        return None
+    from loratools.io import open_model
+    from loratools.keys.arch import check_compatible, guess_adapter_arch
+    from loratools.keys.index import BaseIndex
+
+    index = BaseIndex.from_model(open_model(opts.base))
+    for wp, adapter in loaded:
+        try:
+            check_compatible(guess_adapter_arch(adapter), index.arch)
+        except ArchitectureMismatchError as exc:
+            raise ArchitectureMismatchError(str(exc), path=wp.path) from None
+    return index
+
+
+def _layers_by_name(loaded: Sequence[tuple[WeightedPath, AdapterFile]]) -> dict[str, list[tuple[float, AdapterModule]]]:
+    """Without any architecture to resolve against, modules are matched by name; that is exact
+    only while every input spells the UNet one way (an SGM name and a diffusers name of one
+    weight cannot be related without the UNet's layout)."""
+    from loratools.keys.naming import unet_spelling
+
+    spellings: dict[str, str] = {}
+    for wp, adapter in loaded:
+        for name in adapter.modules:
+            spelling = unet_spelling(name)
+            if spelling is not None:
+                spellings.setdefault(spelling, wp.path.name)
+    if len(spellings) > 1:
+        raise UsageError(f"{spellings['sgm']} names UNet modules by their SGM path (input_blocks_...) and "
+                         f"{spellings['diffusers']} by their diffusers path (down_blocks_...); pass --base with the "
+                         "model they were made for so each weight is merged once")
+    names = sorted({n for _, a in loaded for n in a.modules})
+    return {n: [(wp.ratio, a.modules[n]) for wp, a in loaded if n in a.modules] for n in names}
 
 
 _DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}

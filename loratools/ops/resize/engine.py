@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from loratools.errors import ArchitectureMismatchError, NonFiniteError, UsageError
 from loratools.io.checkpoint import release_pages
 from loratools.io.dtypes import parse_dtype_name
+from loratools.keys.naming import te_layer
 from loratools.ops.resize.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ class Resizer:
                 result.zero_layers.append(name)
             kxk = len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1)
             is_4d = len(weight_shape) == 4
-            scale_out = m.scale if m.kind == "lora" and adapter.naming != "peft" else 1.0
+            scale_out = m.scale if m.kind == "lora" else 1.0
             dora = getattr(m, "dora_scale", None)
             layer = _Layer(
                 module=m, name=name, kind=m.kind, old_rank=old_rank, weight_shape=weight_shape, S=S,
@@ -355,8 +356,7 @@ class Resizer:
             result.warnings.append(f"converted {kinds} module(s) to LoRA (exact low-rank factors; the "
                                    "per-layer error of the chosen ranks is in the table)")
         if result.zero_layers:
-            te_last = [n for n in result.zero_layers if n.startswith("lora_te1_text_model_encoder_layers_11_")
-                       or n.startswith("lora_te_text_model_encoder_layers_11_")]
+            te_last = [n for n in result.zero_layers if te_layer(n) in (("te1", 11), ("te", 11))]
             note = " (the untrained last text-encoder layer of a clip-skip-2 LoRA)" \
                 if len(te_last) == len(result.zero_layers) else ""
             result.warnings.append(f"{len(result.zero_layers)} all-zero layer(s) omitted{note}: "
@@ -458,10 +458,11 @@ class Resizer:
         from loratools.io import TensorSpec, write_safetensors
         from loratools.io.writer import check_output_path
         from loratools.ops.resize.metadata import KeptLayer, resized_metadata
+        from loratools.keys.resolve import output_names
         from loratools.ops.resize.naming import factor_keys, output_path
         from loratools.ops.resize.sizing import file_size
 
-        naming = "peft" if adapter.naming == "peft" else "kohya"
+        naming = output_names(adapter, self.index)  # kohya names from the one vocabulary, whatever the input's
         old_max = max((ly.old_rank for ly in layers), default=0)
         pass_specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in passthrough.items()]
 
@@ -476,18 +477,16 @@ class Resizer:
             for ly, k in zip(layers, ranks):
                 if k == 0:
                     continue
-                keys = factor_keys(ly.module.source_name, ly.name, naming)
+                keys = factor_keys(naming[ly.name])
                 ws = ly.weight_shape
                 specs.append(TensorSpec(keys["down"], out_dtype, (k, *ws[1:])))
                 specs.append(TensorSpec(keys["up"], out_dtype, (ws[0], k, 1, 1) if len(ws) == 4 else (ws[0], k)))
-                alpha = None
-                if naming == "kohya":
-                    alpha = alpha_for(ly, k)
-                    specs.append(TensorSpec(keys["alpha"], torch.float32, ()))
-                    if ly.dora_scale is not None:
-                        specs.append(TensorSpec(keys["dora_scale"], ly.dora_scale.dtype, tuple(ly.dora_scale.shape)))
+                alpha = alpha_for(ly, k)
+                specs.append(TensorSpec(keys["alpha"], torch.float32, ()))
+                if ly.dora_scale is not None:
+                    specs.append(TensorSpec(keys["dora_scale"], ly.dora_scale.dtype, tuple(ly.dora_scale.shape)))
                 kept.append(KeptLayer(k, alpha, ly.shape.kxk))
-            drop = ("lora_adapter_metadata",) if naming == "peft" else ()
+            drop = ("lora_adapter_metadata",)  # a PEFT input's alphas are in the kohya alphas now
             meta = resized_metadata(adapter.metadata, recipe=recipe, threshold=threshold, kept=kept,
                                     old_max_rank=old_max, dropped=sum(1 for k in ranks if k == 0),
                                     source_name=lora.name, source_sha256=sha, kohya_compat=compat,
@@ -534,7 +533,7 @@ class Resizer:
         outcome.size_after = written.size
         return outcome
 
-    def _producer(self, layers: list[_Layer], ranks: list[int], orders: list[Any], recipe: Recipe, naming: str,
+    def _producer(self, layers: list[_Layer], ranks: list[int], orders: list[Any], recipe: Recipe, naming: Mapping[str, str],
                   out_dtype: torch.dtype, passthrough: Mapping[str, torch.Tensor],
                   alpha_for: Callable[[_Layer, int], float], progress: Progress | None,
                   total: int) -> Callable[[str], torch.Tensor]:
@@ -546,7 +545,7 @@ class Resizer:
         owner: dict[str, tuple[int, str]] = {}
         for i, (ly, k) in enumerate(zip(layers, ranks)):
             if k:
-                for part, key in factor_keys(ly.module.source_name, ly.name, naming).items():
+                for part, key in factor_keys(naming[ly.name]).items():
                     owner[key] = (i, part)
         current: dict[str, Any] = {"i": None, "tensors": {}}
         done = [0]
@@ -572,12 +571,11 @@ class Resizer:
                 if not bool(torch.isfinite(t).all()):
                     raise NonFiniteError(f"module {ly.name}: a factor overflows {out_dtype} "
                                          "(write with --save_precision fp32 or bf16)")
-            keys = factor_keys(ly.module.source_name, ly.name, naming)
+            keys = factor_keys(naming[ly.name])
             res = {keys["up"]: up.contiguous(), keys["down"]: down.contiguous()}
-            if naming == "kohya":
-                res[keys["alpha"]] = torch.tensor(alpha_for(ly, k), dtype=torch.float32)
-                if ly.dora_scale is not None:
-                    res[keys["dora_scale"]] = ly.dora_scale.contiguous()
+            res[keys["alpha"]] = torch.tensor(alpha_for(ly, k), dtype=torch.float32)
+            if ly.dora_scale is not None:
+                res[keys["dora_scale"]] = ly.dora_scale.contiguous()
             return res
 
         def produce(key: str) -> torch.Tensor:

@@ -33,16 +33,11 @@ def output_path(lora: Path, recipe: Recipe, threshold: float | None, *, output: 
     return folder / output_name(lora.stem, recipe, threshold, kohya_compat=kohya_compat)
 
 
-#: Output factor suffixes per input naming; everything not PEFT is written in kohya form.
-PEFT_SUFFIXES = {"down": "lora_A.weight", "up": "lora_B.weight"}
+#: Output factor suffixes: every output is written with kohya keys, whatever the input's naming.
 KOHYA_SUFFIXES = {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha", "dora_scale": "dora_scale"}
 
 
-def factor_keys(source_name: str, canonical: str, naming: str) -> dict[str, str]:
-    """Tensor keys of one resized LoRA layer: PEFT files keep their dotted names and
-    ``lora_A``/``lora_B`` (no alpha: the scale is folded into the factors); every other file
-    gets kohya keys under its own module name (``lycoris_*`` names stay, ComfyUI reads them)."""
-    if naming == "peft":
-        return {part: f"{source_name}.{suffix}" for part, suffix in PEFT_SUFFIXES.items()}
-    name = source_name if "." not in source_name else canonical
+def factor_keys(name: str) -> dict[str, str]:
+    """Tensor keys of one resized LoRA layer written as module ``name`` (the kohya name
+    ``loratools.keys.resolve.output_names`` chose)."""
     return {part: f"{name}.{suffix}" for part, suffix in KOHYA_SUFFIXES.items()}
