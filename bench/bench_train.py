@@ -125,7 +125,11 @@ def build_model(arch: str, toy: bool, folder: Path, device: str) -> Path:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te1, tokenizer=make_tokenizer(), unet=unet,
                                        scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    pipe.to("cpu")
     save_diffusers(pipe, folder)
+    del pipe, unet, vae, te1, te2
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -227,6 +231,7 @@ def matmul_rate(device: str) -> float:
 
 def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
     """The plain loop: what a user writes with diffusers' and peft's documented APIs."""
+    import numpy as np
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
@@ -248,7 +253,7 @@ def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():  # latents and text embeddings once, as --cache_latents/--cache_text_encoder_outputs
         latents, hidden, pooled = [], [], []
         for path in images:
-            pixels = torch.from_numpy(__import__("numpy").asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
             pixels = (pixels.float() / 127.5 - 1).unsqueeze(0).to(device)
             latents.append(vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor)
             caption = path.with_suffix(".txt").read_text().strip()
@@ -418,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=("sdxl", "sd1"), default="sdxl")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--resolution", type=int, default=None, help="square training size (default 1024 SDXL, 512 SD1)")
-    p.add_argument("--plan", default="ref:1,4 ours:1,4 ours+c:1,4 recipe:1 recipe+c:1,4 lowvram:1",
+    p.add_argument("--plan", default="ref:1 ours:1 ours+c:1 recipe:1 lowvram:1 ref:4 ours:4 ours+c:4 recipe+c:4",
                    help="runs as kind[+c]:batches (kinds ref, ours, recipe, lowvram; +c adds --torch_compile)")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=5)
@@ -443,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    model = args.model or build_model(args.arch, args.tiny, work / "model", device)
+    model = args.model or work / "model"
+    if not (model / "model_index.json").exists():  # a --workdir of an earlier run keeps its model
+        build_model(args.arch, args.tiny, model, device)
     data = make_images(work / "data", args.images, resolution)
     print(f"model {model} ({'toy-width' if args.tiny else 'full-size'} {args.arch}) and {args.images} images of "
           f"{resolution} px ready in {time.time() - t:.1f} s", file=sys.stderr)
@@ -465,22 +472,31 @@ def main(argv: list[str] | None = None) -> int:
         res = launch(spec, args.timeout, work / f"log-{kind}{'-c' if compiled else ''}-b{batch}.txt")
         if "error" in res:
             print(f"  {label}: {res['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"  {label}: {res['s_per_step']:.3f} s/step, setup {res['setup_s']:.1f} s, "
+                  f"peak {res.get('peak_alloc', res.get('peak_rss', 0)):.2f} GiB", file=sys.stderr, flush=True)
         flops = flops or res.get("flops_per_image")
         rows.append({"run": label, "kind": kind, "batch": batch, **res})
-    for row in rows:
-        ref = next((r for r in rows if r["kind"] == "ref" and r["batch"] == row["batch"] and "error" not in r), None)
-        if "error" not in row:
-            if ref is not None:  # on a CPU: process CPU time, which other jobs on a shared box do not inflate
-                key = "cpu_s_per_step" if device == "cpu" else "s_per_step"
-                row["vs_ref"] = ref[key] / row[key]
-            if flops:
-                row["mfu"] = row["images_per_s"] * flops / rate
+        _finish_rows(rows, flops, rate, device)
+        if args.json:  # after every run, so a run cut short by a time limit keeps what it measured
+            args.json.write_text(json.dumps({"rows": rows, "matmul_flops": rate, "flops_per_image": flops,
+                                             "device": device, "arch": args.arch, "toy": args.tiny,
+                                             "resolution": resolution}, indent=1))
     _print_table(rows, rate, flops, device)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "matmul_flops": rate, "flops_per_image": flops,
-                                         "device": device, "arch": args.arch, "toy": args.tiny,
-                                         "resolution": resolution}, indent=1))
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def _finish_rows(rows: list[dict[str, Any]], flops: float | None, rate: float, device: str) -> None:
+    """Ratios against `ref` at the same batch and MFU, for every row measured so far."""
+    for row in rows:
+        if "error" in row:
+            continue
+        ref = next((r for r in rows if r["kind"] == "ref" and r["batch"] == row["batch"] and "error" not in r), None)
+        if ref is not None:  # on a CPU: process CPU time, which other jobs on a shared box do not inflate
+            key = "cpu_s_per_step" if device == "cpu" else "s_per_step"
+            row["vs_ref"] = ref[key] / row[key]
+        if flops:
+            row["mfu"] = row["images_per_s"] * flops / rate
 
 
 def _print_table(rows: list[dict[str, Any]], rate: float, flops: float | None, device: str) -> None:

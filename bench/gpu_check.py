@@ -54,7 +54,8 @@ TINY_RUNS: dict[str, tuple[str, list[str]]] = {
 def _common(model: Path, data: Path, out: Path) -> list[str]:
     return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
             "--output_name", "check", "--resolution", "64", "--caption_extension", ".txt", "--max_train_steps", "4",
-            "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "5e-3", "--seed", "1",
+            "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "5e-3", "--unet_lr", "5e-3",
+            "--text_encoder_lr", "5e-3", "--seed", "1",
             # bf16 files: 4 steps leave some factors below fp16's normal range, which check weights
             # rightly reports as underflow
             "--save_precision", "bf16"]
@@ -130,16 +131,21 @@ def stage_tiny(work: Path, only: list[str] | None, timeout: float, jobs: int, lo
         return list(pool.map(one, names))
 
 
-def stage_bench(out: Path, args: list[str], timeout: float, log: list[str]) -> dict:
+def stage_bench(out: Path, work: Path, args: list[str], timeout: float, log: list[str]) -> dict:
+    """bench_train.py in its own process; what it measured survives a timeout (it writes its JSON
+    after every run), and the tails of its per-run logs go to the log."""
     bench_json = out / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--json", str(bench_json), *args]
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--json", str(bench_json),
+           "--workdir", str(work / "bench"), *args]
     start = time.time()
     proc = _run(cmd, timeout)
     seconds = time.time() - start
-    if proc is None:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "seconds": seconds}
-    log.append(f"===== bench_train {' '.join(args)}\n{proc.stdout}\n{proc.stderr[-8000:]}")
     doc = json.loads(bench_json.read_text()) if bench_json.exists() else {}
+    for path in sorted((work / "bench").glob("log-*.txt")):
+        log.append(f"----- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+    if proc is None:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "seconds": seconds, **doc}
+    log.append(f"===== bench_train {' '.join(args)}\n{proc.stdout}\n{proc.stderr[-8000:]}")
     return {"ok": proc.returncode == 0, "table": proc.stdout, "seconds": seconds, **doc}
 
 
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-args", default="--arch sdxl --steps 6 --warmup 4 --images 4",
                    help="arguments of bench/bench_train.py (its default --plan: every kind, with and without compile)")
     p.add_argument("--suite-workers", type=int, default=8)
+    p.add_argument("--bench-timeout", type=float, default=560)
     p.add_argument("--timeout", type=float, default=240, help="seconds per stage step")
     p.add_argument("--tiny-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -206,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         summary["tiny"] = stage_tiny(work, only, args.timeout, args.jobs, log)
         emit(_tiny_table(summary["tiny"]) + f"\n(tiny stage {time.time() - t0:.0f} s)")
     if "bench" in stages:
-        summary["bench"] = stage_bench(args.out, args.bench_args.split(), max(args.timeout, 420), log)
+        summary["bench"] = stage_bench(args.out, work, args.bench_args.split(), args.bench_timeout, log)
         bench = summary["bench"]
-        emit(bench.get("table") or f"bench: {bench.get('error')}")
+        rows = "\n".join(f"{r['run']}: " + (r["error"] if "error" in r else
+                          f"{r['s_per_step']:.3f} s/step, {r.get('vs_ref', 0):.2f}x ref") for r in bench.get("rows", []))
+        emit(bench.get("table") or f"bench: {bench.get('error')}\n{rows}")
     if "suite" in stages:
         summary["suite"] = stage_suite(max(args.timeout, 300), args.suite_workers, log)
         suite = summary["suite"]

@@ -36,6 +36,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one device/precision per process and refuses a test's `Accelerator(cpu=True)`
+    after an earlier test trained on CUDA in the same worker: forget its state after every test
+    (never under a distributed launch, whose process group belongs to the whole process)."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def same_seed_tolerance() -> dict:
+    """How closely two trainings with one seed agree: bit for bit on a CPU; on CUDA, kernels that
+    add with atomics (convolution and embedding backward) reorder float sums, and a few steps at a
+    high learning rate grow those last-bit differences; a real divergence (another RNG state, other
+    batches) moves losses by 1e-2 or more. Pass as `pytest.approx(x, **tolerance)`."""
+    import torch
+
+    return {"rel": 1e-3, "abs": 1e-5} if torch.cuda.is_available() else {"rel": 0, "abs": 0}
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1():
     """A tiny SD1-like ``StableDiffusionPipeline`` (seed 0). Do not mutate."""

@@ -8,6 +8,7 @@ and `char .safetensors (ratio 0.5)`; `resize "char [v2].safetensors"` printed `c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,16 @@ from loratools.tiny import make_lora
 pytestmark = pytest.mark.slow
 
 
+def _importable() -> dict[str, str]:
+    """The one variable a bare environment must keep: a checkout used through PYTHONPATH (not
+    pip-installed, as on a machine that only has the repository) finds loratools through it."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+
+
 def run(*args, cwd):
     p = subprocess.run([sys.executable, "-m", "loratools", *map(str, args)], capture_output=True, text=True, cwd=cwd,
                        timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "COLUMNS": "80",
-                                         "LORATOOLS_CACHE_DIR": str(cwd)})
+                                         "LORATOOLS_CACHE_DIR": str(cwd), **_importable()})
     return p.returncode, p.stdout, p.stderr
 
 

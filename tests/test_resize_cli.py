@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,10 +14,16 @@ from loratools.io import open_safetensors
 from loratools.tiny import make_lora
 
 
+def _importable() -> dict[str, str]:
+    """The one variable a bare environment must keep: a checkout used through PYTHONPATH (not
+    pip-installed, as on a machine that only has the repository) finds loratools through it."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+
+
 def run(*args, cwd=None):
     p = subprocess.run([sys.executable, "-m", "loratools", "resize", *map(str, args)], capture_output=True,
                        text=True, cwd=cwd, env={"LORATOOLS_CACHE_DIR": str(cwd or "."), "PATH": "/usr/bin:/bin",
-                                                "OMP_NUM_THREADS": "1"})
+                                                "OMP_NUM_THREADS": "1", **_importable()})
     return p.returncode, p.stdout, p.stderr
 
 

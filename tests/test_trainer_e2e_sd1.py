@@ -143,7 +143,8 @@ def test_sd1_run_writes_kohya_files_that_lower_the_loss(tiny_sd1_dir, data_copy,
     assert (again.latents_encoded, again.latents_reused) == (0, 6)
 
 
-def test_continue_from_network_weights_and_same_seed_is_reproducible(tiny_sd1_dir, tiny_dataset, tmp_path):
+def test_continue_from_network_weights_and_same_seed_is_reproducible(tiny_sd1_dir, tiny_dataset, tmp_path,
+                                                                    same_seed_tolerance):
     first = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "a", "--max_train_steps", "2",
                                        "--network_train_unet_only")))
     prompts = tmp_path / "p.json"
@@ -152,7 +153,8 @@ def test_continue_from_network_weights_and_same_seed_is_reproducible(tiny_sd1_di
                                        "--network_train_unet_only", "--sample_prompts", str(prompts),
                                        "--sample_at_first", "--sample_every_n_steps", "1")))
     assert len(again.sample_files) == 3
-    assert first.losses == again.losses  # same seed, and sampling leaves the training RNG alone
+    # same seed, and sampling leaves the training RNG alone (another RNG state changes every loss by ~1e-1)
+    assert again.losses == pytest.approx(first.losses, **same_seed_tolerance)
     start = open_safetensors(first.final_file)
     cont = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "c", "--max_train_steps", "1",
                                       "--network_train_unet_only", "--network_dim", "8",
@@ -187,10 +189,12 @@ def test_epoch_saves_keep_last_n_and_the_russian_guides_optimizer(tiny_sd1_dir, 
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_on_the_cpu(tiny_sd1_dir, tiny_dataset, tmp_path, precision):
+def test_mixed_precision_on_the_cpu(tiny_sd1_dir, tiny_dataset, tmp_path, precision, monkeypatch):
     """bf16 autocasts on the CPU; fp16 (the guides' default, GPU-only) falls back to float32 with
     a warning instead of failing; either way the run finishes and saves in --save_precision.
-    --xformers without the package (or CUDA) degrades to sdpa with a warning."""
+    --xformers without the package (or CUDA) degrades to sdpa with a warning. (On a CUDA machine
+    the run is sent to the CPU with accelerate's own switch.)"""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     result = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "out", "--max_train_steps", "1",
                                         "--mixed_precision", precision, "--save_precision", precision,
                                         "--network_train_unet_only", "--xformers")))
