@@ -221,3 +221,19 @@ def test_use_reentrant_flag_is_accepted_without_effect(tmp_path: Path):
     recipe.write_text("use_reentrant = false\nnetwork_dim = 2\n", encoding="utf-8")
     cfg = resolve_config(["--config", str(recipe)])
     assert cfg.network_dim == 2 and any("use_reentrant has no effect" in w for w in cfg.warnings)
+
+
+def test_warnings_a_run_would_give_are_decided_before_any_model_loads():
+    """Everything accepted without effect is known from the flags alone, so `train --dry-run` shows
+    what the run would print (issue 11: the run used to add some only after loading the model)."""
+    cfg = resolve_config(["--weighted_captions", "--cpu_offload_checkpointing", "--persistent_data_loader_workers",
+                          "--max_data_loader_n_workers", "2", "--network_args", "conv_block_dims=4,4",
+                          "down_lr_weight=1,1,1"])
+    text = "\n".join(cfg.warnings)
+    for flag in ("--weighted_captions", "--cpu_offload_checkpointing", "--persistent_data_loader_workers",
+                 "conv_block_dims has no effect without block_dims", "down_lr_weight has 3 values"):
+        assert flag in text, flag
+    lyco = resolve_config(["--network_module", "lycoris.kohya", "--text_encoder_lr", "1e-4", "2e-4"])
+    assert any("one learning rate for all text encoders" in w for w in lyco.warnings)
+    compiled = resolve_config(["--torch_compile", "--fp8_base", "--mixed_precision", "bf16"])
+    assert not [w for w in compiled.warnings if "torch_compile" in w or "fp8_base" in w]  # both work now

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,8 +76,8 @@ class TrainConfig:
     lowram: bool = _opt(False, "model", "Load the models straight onto the GPU.")
     highvram: bool = _opt(False, "model", "Do not empty the CUDA cache while caching latents.")
     mixed_precision: str = _opt("no", "model", "Autocast dtype.", choices=MIXED_PRECISIONS)
-    full_fp16: bool = _opt(False, "model", "Network weights in fp16 too.")
-    full_bf16: bool = _opt(False, "model", "Network weights in bf16 too.")
+    full_fp16: bool = _opt(False, "model", "Network computes in fp16 too (the optimizer keeps float32 master weights).")
+    full_bf16: bool = _opt(False, "model", "Network computes in bf16 too (the optimizer keeps float32 master weights).")
     fp8_base: bool = _opt(False, "model", "Frozen base weights in float8_e4m3fn.")
     fp8_base_unet: bool = _opt(False, "model", "Frozen UNet weights in float8_e4m3fn.")
     save_precision: str | None = _opt(None, "model", "dtype of the saved tensors (fp32 accepted for float).", choices=SAVE_PRECISIONS)
@@ -85,7 +86,7 @@ class TrainConfig:
     mem_eff_attn: bool = _opt(False, "model", "Memory-efficient attention (mapped to sdpa).")
     gradient_checkpointing: bool = _opt(False, "model", "Trade speed for VRAM.")
     cpu_offload_checkpointing: bool = _opt(False, "model", "Offload checkpointed activations to the CPU.")
-    torch_compile: bool = _opt(False, "model", "torch.compile the UNet.")
+    torch_compile: bool = _opt(False, "model", "torch.compile each UNet transformer block (regional compilation).")
     dynamo_backend: str = _opt("inductor", "model", "torch.compile backend.")
     max_token_length: int | None = _opt(None, "model", "Caption token budget: 75, 150 or 225.", choices=MAX_TOKEN_LENGTHS)
     clip_skip: int | None = _opt(None, "model", "Use the N-th last CLIP layer (SD1/SD2; SDXL ignores it).")
@@ -462,6 +463,8 @@ def _check_precision(cfg: TrainConfig) -> None:
         warn("--mem_eff_attn is run as --sdpa (PyTorch's memory-efficient attention)")
     if cfg.xformers and (cfg.sdpa or cfg.mem_eff_attn):
         warn("--xformers and --sdpa both given: xformers is used where installed, sdpa otherwise")
+    if cfg.xformers and importlib.util.find_spec("xformers") is None:
+        warn("--xformers unavailable: the xformers package is not installed; PyTorch sdpa attention is used")
     if cfg.model_type == "sdxl" and cfg.clip_skip is not None:
         warn(f"--clip_skip={cfg.clip_skip} has no effect on SDXL (it always uses the penultimate layers)")
     if cfg.model_type == "sdxl" and cfg.v2:
@@ -575,6 +578,13 @@ def _check_network(cfg: TrainConfig) -> None:
     if unknown:
         hint = "; they are LyCORIS options: use --network_module lycoris.kohya" if set(unknown) & LYCORIS_NETWORK_KEYS else ""
         warn(f"--network_args {', '.join(unknown)} have no effect with {cfg.network_module}{hint}")
+    if "conv_block_dims" in args and "block_dims" not in args:
+        warn("--network_args conv_block_dims has no effect without block_dims")
+    for key in ("down_lr_weight", "up_lr_weight"):
+        values = [v for v in args.get(key, "").split(",") if v.strip()] if "," in args.get(key, "") else None
+        if values is not None and len(values) != 12:
+            warn(f"--network_args {key} has {len(values)} values; sd-scripts uses 12 "
+                 f"({'cut' if len(values) > 12 else 'padded with 1.0'})")
     expected = BLOCK_COUNTS.get(cfg.model_type or "")
     for dims_key, alphas_key in (("block_dims", "block_alphas"), ("conv_block_dims", "conv_block_alphas")):
         dims = _csv_numbers(args, dims_key)
@@ -615,6 +625,9 @@ def _check_lycoris_args(cfg: TrainConfig, args: dict[str, str]) -> None:
     unknown = sorted(set(args) - LYCORIS_NETWORK_KEYS - set(LYCORIS_IGNORED_KEYS))
     if unknown:
         warn(f"--network_args {', '.join(unknown)} have no effect with lycoris.kohya")
+    if isinstance(cfg.text_encoder_lr, (list, tuple)) and len(set(cfg.text_encoder_lr)) > 1:
+        warn(f"--text_encoder_lr {' '.join(map(str, cfg.text_encoder_lr))}: lycoris.kohya uses one learning rate for "
+             f"all text encoders; {cfg.text_encoder_lr[0]} is used")
     if cfg.network_dropout and args.get("dora_wd", "false").lower() in ("true", "1"):
         warn("--network_dropout has no effect with dora_wd=True (LyCORIS ignores it)")
 

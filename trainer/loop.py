@@ -11,6 +11,7 @@ import logging
 import math
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,11 @@ class TrainLoop:
         self.session.say(self.data.dataset.summary())
         self.session.say(f"network: {net.network.module_count()} modules ({cfg.network_module}), optimizer "
                          f"{net.opt_info.ss_optimizer}, lr scheduler {net.opt_info.lr_scheduler}")
+        self.result.setup_seconds = {"start": round(time.time() - self.session.started, 2),
+                                     **self.session.setup_seconds}
+        self.session.say("setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.result.setup_seconds.items()
+                                                 if k != "start") + f" ({self.result.setup_seconds['start']:.1f} s "
+                         "since the run started)")
         first_epoch, skip_batches = self._resume(plan.steps_per_epoch)
         if acc.is_main_process and acc.trackers == [] and (cfg.log_with or cfg.logging_dir):
             config, init_kwargs = tracker_init(cfg)

@@ -13,6 +13,7 @@ processes, only the main process writes files, and sample prompts are split over
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class TrainResult:
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     modules: int = 0
     skipped_steps: int = 0
+    setup_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,31 +103,32 @@ def train(cfg: Any, hooks: TrainHooks | None = None) -> TrainResult:
     from trainer.loop import TrainLoop
 
     session = Session.start(cfg)
-    model = load_models(cfg, session)
-    data = prepare_data(cfg, session, model)
+    model = session.timed("models", load_models, cfg, session)
+    data = session.timed("data", prepare_data, cfg, session, model)
     if cfg.debug_dataset:
         for i in range(min(3, len(data.dataset))):
             batch = data.dataset[i]
             pixels = batch["latents"] if batch["latents"] is not None else batch["images"]
             session.say(f"batch {i}: {tuple(pixels.shape)} captions={batch['captions']}")
         return TrainResult(Path(cfg.output_dir), None, warnings=session.warnings)
-    net = prepare_network(cfg, session, model, data)
+    net = session.timed("network", prepare_network, cfg, session, model, data)
     return TrainLoop(cfg, session, model, data, net, hooks or TrainHooks()).run()
 
 
 # --- phase 2: models ---------------------------------------------------------------------------
 
 def load_models(cfg: Any, session: Session):
-    """The frozen base model, loaded straight in its compute dtype (with `--lowram`, straight onto
-    the device, one process after another), then `--base_weights` merged into it."""
+    """The frozen base model, read from the file straight onto the device in its compute dtype (no
+    float32 copy in host memory; with `--lowram` the processes load one after another), then
+    `--base_weights` merged into it."""
     from trainer.models import load_base_model
 
     acc = session.accelerator
     dtype = torch.float32 if cfg.base_weights else session.weight_dtype  # merge in float32, cast when placed
     model = None
     for index in range(acc.num_processes) if cfg.lowram else [acc.process_index]:
-        if index == acc.process_index:
-            model = load_base_model(cfg, acc.device if cfg.lowram else None, dtype=dtype, vae_dtype=session.vae_dtype)
+        if index == acc.process_index:  # straight from the file to the device, converted there
+            model = load_base_model(cfg, acc.device, dtype=dtype, vae_dtype=session.vae_dtype)
         if cfg.lowram:
             acc.wait_for_everyone()
     assert model is not None
@@ -221,7 +224,7 @@ def prepare_network(cfg: Any, session: Session, model, data: DataPhase) -> Netwo
         weights = dict(open_state_dict(cfg.network_weights))
     network = create_network(cfg, model.arch, model.unet, model.text_encoders, network_args,
                              train_unet=train_unet, train_text_encoder=train_te, weights=weights)
-    session.warnings += [w for w in network.ignored if w not in session.warnings]
+    # `network.ignored` repeats what `trainer.config` already reported (so that --dry-run shows it too)
     unmatched = getattr(network, "unmatched_weights", [])
     if unmatched:
         session.warnings.append(f"--network_weights: {len(unmatched)} modules of the file are not trained by this "
@@ -284,7 +287,7 @@ def _place_models(cfg: Any, session: Session, model, train_te: bool, *, keep_tex
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())
-    if cfg.xformers:
+    if cfg.xformers and importlib.util.find_spec("xformers") is not None:  # else trainer.config said so
         try:
             unet.enable_xformers_memory_efficient_attention()
         except Exception as exc:  # noqa: BLE001 - xformers missing or no CUDA: degrade to sdpa

@@ -39,6 +39,15 @@ class Session:
     net_dtype: torch.dtype
     started: float
     warnings: list[str] = field(default_factory=list)
+    setup_seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, phase: str, fn, *args):
+        """Run one setup phase and record its seconds (reported once the loop starts)."""
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.setup_seconds[phase] = round(time.perf_counter() - start, 2)
 
     @property
     def device(self) -> torch.device:
