@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from loratools.errors import InvalidFileError, OutputExistsError, UnmatchedModulesError, UsageError
 from loratools.io.checkpoint import release_pages
 from loratools.io.dtypes import parse_dtype_name
-from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch, check_finite
+from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch
 from loratools.ops.merge.provenance import InputRecord, checkpoint_metadata, hash_input, title_of
 from loratools.ops.merge.ratios import WeightedPath
 
@@ -141,8 +141,7 @@ def _load_adapters(opts: MergeOptions, arch: str):
     for wp in opts.adapters:
         if wp.path.is_dir():
             raise InvalidFileError("is a folder; adapters are single .safetensors files", path=wp.path)
-        adapter = load_adapter(wp.path)
-        check_finite(adapter, wp.path)
+        adapter = load_adapter(wp.path)  # refuses NaN/Inf factors, naming the tensor
         info = guess_adapter_arch(adapter)  # None: nothing tells; the shape checks of the plan still apply
         if info is not None:
             check_arch(arch, opts.base, info.arch, wp.path)
