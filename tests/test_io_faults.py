@@ -96,31 +96,38 @@ def test_a_signal_mid_write_leaves_nothing_and_the_next_run_succeeds(big, tmp_pa
 
 
 def test_sighup_cleans_up_like_sigint(tmp_path):
-    """The CLI's handler makes SIGHUP (a closed terminal) an exception, so every ``finally`` runs:
-    here a claim held by a script that installs the CLI's handlers (no torch, no command)."""
+    """The CLI's handler makes SIGHUP (a closed terminal) an exception, so every ``finally`` runs.
+    Here a script installs the CLI's handlers and claims an output (no torch, no command); the
+    signal comes while the fresh claim still holds interrupts back (the file exists, the ``try``
+    that removes it has not begun) and is raised at ``arm()``, inside that ``try``."""
     out = tmp_path / "x.safetensors"
     code = textwrap.dedent(f"""
-        import os, time
+        import os, sys
         from pathlib import Path
-        from loratools.cli.app import _catch_termination
+        from loratools import interrupts
         from loratools.errors import Interrupted
         from loratools.io.claim import claim
-        _catch_termination()
+        interrupts.install()
         held = claim(Path({str(out)!r}))
         os.write(held.fd, b"partial")
+        print("HELD", flush=True)
+        sys.stdin.readline()  # the signal arrives here: recorded, not raised
         try:
-            print("HELD", flush=True)
-            time.sleep(60)
+            held.arm()
+            print("NOT INTERRUPTED", flush=True)
         except Interrupted as exc:
             print("INTERRUPTED", exc.signum, flush=True)
         finally:
             held.abandon()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "HELD"
     assert _leftovers(tmp_path) == [temp_path(out).name]
     proc.send_signal(signal.SIGHUP)
-    stdout, err = proc.communicate(timeout=30)
+    time.sleep(0.2)
+    assert proc.poll() is None  # held: the process lives on
+    stdout, err = proc.communicate("go\n", timeout=30)
     assert stdout.strip() == f"INTERRUPTED {int(signal.SIGHUP)}", err
     assert _leftovers(tmp_path) == []
 
@@ -219,3 +226,30 @@ def test_running_out_of_space_mid_write(tiny_disk):
     assert exc.value.path == str(tiny_disk)
     assert sorted(os.listdir(tiny_disk)) == ["filler"]
 
+
+
+def test_an_output_folder_is_claimed_like_a_file(tmp_path):
+    """A merged diffusers folder is built in ``.<name>.loratools-partial/`` under the same lock: a
+    second claim is refused, a killed run's half-built folder is cleared, ``finish`` renames."""
+    from loratools.io.claim import claim_folder, clear_stale
+
+    out = tmp_path / "merged"
+    stale = temp_path(out)
+    (stale / "unet").mkdir(parents=True)  # what a SIGKILLed folder merge leaves
+    (stale / "unet" / "half.safetensors").write_bytes(b"\0" * 100)
+    held = claim_folder(out)
+    assert held.path == stale and list(stale.iterdir()) == []
+    with pytest.raises(OutputBusyError):
+        claim_folder(out)
+    with pytest.raises(OutputBusyError):
+        clear_stale(out)
+    (held.path / "model_index.json").write_text("{}")
+    held.finish(overwrite=False)
+    assert (out / "model_index.json").read_text() == "{}" and _leftovers(tmp_path) == []
+    again = claim_folder(out)
+    with pytest.raises(OutputExistsError, match="appeared while this run was writing"):
+        again.finish(overwrite=False)
+    assert _leftovers(tmp_path) == [] and (out / "model_index.json").exists()
+    (stale / "x").mkdir(parents=True)  # stale again: the next check of that output removes it
+    clear_stale(out)
+    assert _leftovers(tmp_path) == []

@@ -6,8 +6,9 @@ printed as one line naming the file and the problem, with exit code 2; so are th
 machine rather than of loratools (a full disk, a symbolic link loop, an I/O error: ``OSError``
 with a file name). ``--debug`` (or ``LORATOOLS_DEBUG=1``) shows the traceback.
 
-SIGTERM (``timeout``, job schedulers) and SIGHUP (a closed terminal) raise like Ctrl-C does, so
-every temporary file and folder is removed on the way out; the exit code is 128 + the signal.
+SIGTERM (``timeout``, job schedulers) and SIGHUP (a closed terminal) raise like Ctrl-C does
+(``loratools.interrupts``), so every temporary file and folder is removed on the way out; the exit
+code is 128 + the signal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import traceback
 
 import typer
 
-from loratools import __version__
+from loratools import __version__, interrupts
 from loratools.cli import check, convert, merge, metadata, resize, train, demo
 from loratools.errors import Interrupted, LoratoolsError
 
@@ -36,7 +37,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state: dict[str, int | bool | None] = {"debug": bool(os.environ.get("LORATOOLS_DEBUG")), "signal": None}
+_state = {"debug": bool(os.environ.get("LORATOOLS_DEBUG"))}
 
 
 def _version(value: bool) -> None:
@@ -71,22 +72,6 @@ _MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ELOOP, errno.EACC
                              errno.EISDIR, errno.EMFILE})
 
 
-def _raise_interrupted(signum: int, frame: object) -> None:
-    _state["signal"] = signum
-    raise Interrupted(signum)
-
-
-def _catch_termination() -> None:
-    """SIGTERM/SIGHUP raise ``Interrupted`` (a KeyboardInterrupt) in the main thread, as SIGINT does;
-    all three are recorded so the exit code and the message name the signal (typer turns any
-    KeyboardInterrupt into a silent exit 130). Handlers someone else set (``nohup``) are kept."""
-    for name, default in (("SIGINT", signal.default_int_handler), ("SIGTERM", signal.SIG_DFL),
-                          ("SIGHUP", signal.SIG_DFL)):
-        signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) in (default, None):
-            signal.signal(signum, _raise_interrupted)
-
-
 def _interrupted(signum: int) -> None:
     sys.stderr.write(f"interrupted ({signal.Signals(signum).name})\n")
     sys.exit(128 + int(signum))
@@ -102,12 +87,12 @@ def main() -> None:
     """Console-script entry point."""
     if "--debug" in sys.argv[1:]:
         _state["debug"] = True
-    _catch_termination()
+    interrupts.install()
     try:
         app(prog_name="loratools")
     except SystemExit as exc:
-        if exc.code == 130 and _state.get("signal"):  # typer's exit for a KeyboardInterrupt
-            _interrupted(_state["signal"])
+        if exc.code == 130 and interrupts.last_signal():  # typer's exit for a KeyboardInterrupt
+            _interrupted(interrupts.last_signal())
         raise
     except LoratoolsError as exc:
         if _state["debug"]:
@@ -119,7 +104,8 @@ def main() -> None:
             raise
         from loratools.io.paths import os_problem
 
-        where = exc.filename
+        # a copy that runs out of space names its source first; the full disk is the destination's
+        where = exc.filename2 if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename2 else exc.filename
         _error_line(f"{where}: {os_problem(exc, where)}" if where is not None else os_problem(exc))
         sys.exit(2)
     except KeyboardInterrupt as exc:

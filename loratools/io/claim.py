@@ -16,16 +16,23 @@ exists: a file that appeared meanwhile (another tool, another machine on a share
 replaced. Where links are unsupported (FAT, some network shares) the check-then-rename fallback
 leaves a window of a few microseconds.
 
+An output *folder* (a merged diffusers model) is claimed the same way: ``claim_folder`` builds it in
+``.<name>.loratools-partial/`` and holds a lock on that folder; ``finish`` renames it into place.
+
 Without ``fcntl`` (Windows) the temporary file is created exclusively instead; a stale one can be
-deleted (no process has it open) and a live one cannot, which gives the same three answers.
+deleted (no process has it open) and a live one cannot, which gives the same three answers. (A
+temporary folder has no such tell there: an existing one is removed as stale.)
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from loratools import interrupts
 from loratools.errors import OutputBusyError, OutputExistsError
 
 try:
@@ -67,20 +74,32 @@ def _try_lock(fd: int) -> bool:
 
 
 class Claim:
-    """The temporary file of one output, open and locked; ``fd`` is positioned at 0 and empty.
+    """The temporary file (or folder) of one output, open and locked; a file is empty at ``fd``'s 0.
 
     Either ``finish`` (rename onto the output) or ``abandon`` (remove it) must follow; both
     release the claim.
     """
 
-    def __init__(self, out: Path, fd: int) -> None:
+    def __init__(self, out: Path, fd: int, *, folder: bool = False) -> None:
         self.out = out
         self.path = temp_path(out)
         self.fd = fd
+        self.folder = folder
+        self._held = False  # signals held since the claim was made, until ``arm``
+
+    def arm(self) -> None:
+        """Let Ctrl-C/SIGTERM/SIGHUP through again; call it first thing inside the ``try`` whose
+        ``except`` abandons the claim (a signal that arrived meanwhile is raised right here)."""
+        if self._held:
+            self._held = False
+            interrupts.release()
 
     def finish(self, *, overwrite: bool) -> None:
         """Give the written temporary file the output's name; refuse an output that appeared meanwhile."""
         try:
+            if self.folder:
+                _replace_folder(self.path, self.out, overwrite)
+                return
             if overwrite:
                 os.replace(self.path, self.out)
                 return
@@ -103,10 +122,10 @@ class Claim:
             self._release()
 
     def abandon(self) -> None:
-        """Remove the temporary file (still ours: we hold the lock) and release the claim."""
+        """Remove the temporary file or folder (still ours: we hold the lock) and release the claim."""
         try:
             if self.fd >= 0 and _same_inode(self.fd, self.path):
-                os.unlink(self.path)
+                _remove(self.path)
         except OSError:
             pass
         finally:
@@ -116,28 +135,122 @@ class Claim:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+        self.arm()
+
+
+def _unkillable(make: Callable[[], Claim]) -> Claim:
+    """``make()`` with Ctrl-C/SIGTERM/SIGHUP held (``loratools.interrupts``), returning the claim with
+    them still held: a signal that arrives while the file is created is raised only when the
+    caller, inside its ``try``, calls ``Claim.arm()``, where the cleanup runs."""
+    interrupts.hold()
+    try:
+        made = make()
+    except BaseException:
+        interrupts.release()
+        raise
+    made._held = True
+    return made
 
 
 def claim(out: Path) -> Claim:
     """Create (or take over a stale) temporary file for ``out`` and hold it.
 
+    Signals stay held back until ``Claim.arm()``: call it first inside the ``try`` whose ``except``
+    calls ``abandon()`` (``finish``/``abandon`` let them through too).
+
     Raises:
         OutputBusyError: another live process holds it.
         OSError: the folder refuses a new file (the writer turns it into a one-line error).
     """
+    return _unkillable(lambda: _claim_file(out))
+
+
+def _claim_file(out: Path) -> Claim:
     tmp = temp_path(out)
     if fcntl is None:
         return Claim(out, _create_exclusive(out, tmp))
-    for _ in range(100):  # each retry means another process removed the file between our open and lock
-        fd = os.open(tmp, _FLAGS | os.O_CREAT, 0o600)
-        if not _try_lock(fd):
-            os.close(fd)
-            raise _busy(out)
-        if _same_inode(fd, tmp):
-            os.ftruncate(fd, 0)  # a stale file of a killed run: reuse it, from the start
-            return Claim(out, fd)
+    return _lock_loop(out, False, lambda: os.open(tmp, _FLAGS | os.O_CREAT, 0o600),
+                      lambda fd: os.ftruncate(fd, 0))  # a stale file of a killed run: reuse it, from the start
+
+
+def claim_folder(out: Path) -> Claim:
+    """``claim`` for an output folder: an empty ``.<name>.loratools-partial/`` to build it in, held
+    (call ``arm()`` inside the ``try`` that abandons it, as for ``claim``).
+
+    Raises:
+        OutputBusyError: another live process is building the same output.
+    """
+    return _unkillable(lambda: _claim_folder(out))
+
+
+def _claim_folder(out: Path) -> Claim:
+    tmp = temp_path(out)
+
+    def make() -> int:
+        if fcntl is None or (os.path.lexists(tmp) and not tmp.is_dir()):
+            _remove(tmp)
+        try:
+            os.mkdir(tmp)
+        except FileExistsError:
+            pass
+        return -1 if fcntl is None else os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                                                | getattr(os, "O_CLOEXEC", 0))
+
+    def empty(fd: int) -> None:
+        for child in tmp.iterdir():  # a killed run's half-built folder: start empty
+            _remove(child)
+
+    if fcntl is None:
+        return Claim(out, make(), folder=True)
+    return _lock_loop(out, True, make, empty)
+
+
+def _lock_loop(out: Path, folder: bool, make: Callable[[], int], reset: Callable[[int], None]) -> Claim:
+    """Open (creating) the temporary file or folder and lock it; ``reset`` clears a stale one we took over.
+
+    Each retry means another process removed it between our open and our lock.
+    """
+    tmp = temp_path(out)
+    for _ in range(100):
+        fd = make()
+        locked = False
+        try:
+            locked = _try_lock(fd)
+            if not locked:
+                raise _busy(out)
+            if _same_inode(fd, tmp):
+                reset(fd)
+                return Claim(out, fd, folder=folder)
+        except BaseException:  # busy, or an error right now: never leave a temp we hold
+            if locked:
+                Claim(out, fd, folder=folder).abandon()
+            else:
+                os.close(fd)
+            raise
         os.close(fd)
     raise _busy(out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace_folder(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder onto ``out``; an existing ``out`` is replaced only with ``overwrite``."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise OutputExistsError("output folder appeared while this run was writing it; nothing was replaced",
+                                path=out)
+    old = out.parent / f".{out.name}.loratools-old"
+    _remove(old)
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _create_exclusive(out: Path, tmp: Path) -> int:
@@ -166,14 +279,14 @@ def clear_stale(out: Path) -> None:
         return
     if fcntl is None:
         try:
-            os.unlink(tmp)
+            _remove(tmp)
         except PermissionError:
             raise _busy(out) from None
         except FileNotFoundError:
             pass
         return
     try:
-        fd = os.open(tmp, _FLAGS)
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         return
     except OSError:  # a symlink or something else we did not make: leave it alone
@@ -182,6 +295,6 @@ def clear_stale(out: Path) -> None:
         if not _try_lock(fd):
             raise _busy(out)
         if _same_inode(fd, tmp):
-            os.unlink(tmp)
+            _remove(tmp)
     finally:
         os.close(fd)

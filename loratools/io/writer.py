@@ -102,18 +102,19 @@ def check_output_path(path: str | Path, *, overwrite: bool = False, protected: I
     return out
 
 
-def _need_space(out: Path, size: int) -> None:
-    """Refuse before writing when the folder cannot hold ``size`` more bytes (an old output being
-    replaced still occupies its space until the rename)."""
+def need_space(out: Path, size: int) -> None:
+    """Refuse before writing when ``out``'s folder cannot hold ``size`` more bytes (an old output being
+    replaced still occupies its space until the rename). ``out`` may be a file or a folder to create."""
     try:
         free = shutil.disk_usage(out.parent).free
     except OSError:
         return
     if free < size:
-        raise _disk_full(out, size, free)
+        raise disk_full(out, size, free)
 
 
-def _disk_full(out: Path, size: int, free: int | None = None) -> DiskFullError:
+def disk_full(out: Path, size: int, free: int | None = None) -> DiskFullError:
+    """The one error for a full disk: the folder, what ``out`` needs, what is free (when known)."""
     have = "" if free is None else f", {_bytes(free)} free"
     return DiskFullError(f"not enough space to write {out.name}: it needs {_bytes(size)}{have}; free some space "
                          "or choose another output folder", path=out.parent if str(out.parent) else ".")
@@ -185,10 +186,11 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
     full = hashlib.sha256(header) if sha256 and not sshs_hashes else None
 
     size = len(header) + (layout[-1][4] if layout else 0)
-    held = _claim(out, size)
     producing = False
+    held = _claim(out, size)
     try:
-        _need_space(out, size)
+        held.arm()  # a Ctrl-C/SIGTERM that came while claiming is raised here, where abandon() runs
+        need_space(out, size)
         with os.fdopen(os.dup(held.fd), "wb") as fh:  # the claim's own fd keeps the lock until the rename
             fh.write(header)
             for name, dt, shape, begin, end in layout:
@@ -222,7 +224,7 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
         if producing:  # reading an input failed: that error is the input's, not the output's
             raise
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(out, size) from None
+            raise disk_full(out, size) from None
         raise WriteError(f"cannot write {out.name}: {os_problem(exc)}", path=out) from None
     except BaseException:
         held.abandon()
@@ -243,7 +245,7 @@ def _claim(out: Path, size: int) -> Claim:
         return claim(out)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(out, size) from None
+            raise disk_full(out, size) from None
         raise UsageError(f"cannot create a file in {out.parent} ({os_problem(exc)}); choose another output",
                          path=out) from None
 
