@@ -161,8 +161,10 @@ def _read_header_bytes(blob: bytes):
     return parse_header(blob[8:8 + n], len(blob), "fuzz.safetensors")
 
 
-@settings(max_examples=HEADER_EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=HEADER_EXAMPLES, **_SETTINGS)
 @given(mutation)
 def test_header_mutations_are_read_or_refused(m):
     """Header path only (check keys, metadata show): no torch, no file."""
@@ -178,8 +180,7 @@ def test_header_mutations_are_read_or_refused(m):
 _DIR = Path(tempfile.mkdtemp(prefix="loratools-fuzz-"))
 
 
-@settings(max_examples=FILE_EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FILE_EXAMPLES, **_SETTINGS)
 @given(mutation)
 def test_file_mutations_are_loaded_or_refused(m):
     """The tensor path (check weights, merge, resize, convert): load, every delta, `check weights`."""

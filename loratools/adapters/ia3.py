@@ -34,7 +34,7 @@ class IA3Module(AdapterModule):
               alpha: float | None = None) -> IA3Module | None:
         if cls._described(source_name or name, tensors) is None:
             return None
-        on_input = bool(int(tensors["on_input"].reshape(-1)[0]))
+        on_input = bool(tensors["on_input"].reshape(-1)[0] != 0)  # any dtype, uint64 included
         return cls(name=name, source_name=source_name or name, weight=tensors["weight"], on_input=on_input)
 
     @classmethod
