@@ -7,7 +7,22 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+
+
+def _worker_message(message: str) -> str:
+    """The original one-line message of an error re-raised by a torch DataLoader worker.
+
+    torch rebuilds a worker's exception in the main process as ``type("Caught X in DataLoader
+    worker process 0.\\nOriginal Traceback ...\\nmodule.X: <message>")``; the user should see only
+    ``<message>``, which already names the file.
+    """
+    if not message.startswith("Caught ") or "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Exception")) else last
 
 
 class LoratoolsError(Exception):
@@ -17,6 +32,7 @@ class LoratoolsError(Exception):
 
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         self.path = str(path) if path is not None else None
+        message = _worker_message(message)
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
@@ -41,8 +57,32 @@ class UnmatchedModulesError(LoratoolsError):
 
 
 class NonFiniteError(LoratoolsError):
-    """A computed tensor holds NaN or Inf; nothing is written."""
+    """A tensor read or computed holds NaN or Inf; nothing is written."""
 
 
 class OutputExistsError(LoratoolsError):
     """The output exists (or is an input) and ``--overwrite`` was not given."""
+
+
+class OutputBusyError(OutputExistsError):
+    """Another process is writing the same output right now (it holds the output's temporary file)."""
+
+
+class WriteError(LoratoolsError):
+    """Writing an output failed for a reason of the machine (a full disk, an I/O error); nothing was left."""
+
+
+class DiskFullError(WriteError):
+    """The output's folder has less free space than the output needs."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every ``finally`` and cleanup runs the same way.
+
+    A ``KeyboardInterrupt`` subclass on purpose: code that already cleans up after Ctrl-C (temporary
+    files, temporary folders) needs nothing new for ``timeout``, job schedulers or a closed terminal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)

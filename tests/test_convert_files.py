@@ -119,7 +119,7 @@ def test_refusals(tiny_sd1, tmp_path):
     assert refused.value.path == str(src)  # the CLI's one line names the file
     ckpt = tmp_path / "ckpt.safetensors"  # was: "cannot tell the adapter's architecture"
     save_tensors(ckpt, {"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)})
-    with pytest.raises(InvalidFileError, match="not an adapter file"):
+    with pytest.raises(InvalidFileError, match="not a LoRA"):
         convert(ConvertOptions(ckpt, tmp_path / "x.safetensors", "kohya"))
     with pytest.raises(UsageError, match="--to"):
         ConvertOptions(src, tmp_path / "x.safetensors", "comfy")

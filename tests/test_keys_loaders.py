@@ -161,7 +161,8 @@ def test_a1111_converts_diffusers_names_with_sd1_block_arithmetic():
     assert len(report.skipped) == 3 and {s.reason for s in report.skipped} == {"form"}
     assert _report("comfyui", diffusers_named, index).ok
     sd1 = _rename(shapes, name, "lora_unet_up_blocks_0_upsamplers_0_conv")
-    sd1 = {k: ((16, 1280, 3, 3) if "down" in k else (1280, 16, 1, 1) if "up" in k else ()) for k in sd1}
+    sd1 = {k: ((16, 1280, 3, 3) if k.endswith("down.weight") else (1280, 16, 1, 1) if k.endswith("up.weight") else ())
+           for k in sd1}  # (by suffix: the module name itself holds "up")
     assert _report("a1111", sd1, _index(SD15)).ok
 
 

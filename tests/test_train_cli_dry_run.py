@@ -32,6 +32,7 @@ def datasets(tmp_path_factory):
 @pytest.mark.parametrize("recipe, arch", [("pony-locon", "sdxl"), ("sd15-character", "sd1"), ("sd15-style", "sd1")])
 def test_dry_run_on_seed_recipes(datasets, tmp_path: Path, recipe: str, arch: str):
     data = datasets[arch]
+    (tmp_path / "model").mkdir()  # a dry run loads no model, but the path must exist
     result = run("train", "--config", str(REPO / "recipes" / f"{recipe}.toml"), "--train_data_dir", str(data.root),
                  "--output_dir", str(tmp_path / "out"), "--pretrained_model_name_or_path", str(tmp_path / "model"),
                  "--dry-run", "--json")
@@ -122,6 +123,7 @@ def test_dry_run_does_not_import_torch(datasets):
 
 def test_dry_run_lists_sd_scripts_default_names_without_output_name(datasets, tmp_path: Path):
     """Without --output_name sd-scripts names each kind of file differently (epoch-, at-, last)."""
+    (tmp_path / "model").mkdir()
     result = run("train", "--train_data_dir", str(datasets["sd1"].root), "--output_dir", str(tmp_path),
                  "--pretrained_model_name_or_path", str(tmp_path / "model"), "--max_train_epochs", "3",
                  "--save_every_n_epochs", "1", "--save_every_n_steps", "25", "--resolution", "64",

@@ -8,6 +8,11 @@ raise at import, so a key can never be read two ways depending on dictionary ord
 
 ``alpha``, ``dora_scale`` and A1111's ``scale`` are shared: several types carry them, so no type
 claims them and they never decide which type a module is.
+
+Factor shapes are validated once, by each type's ``describe`` (which ``parse`` calls too): a rank
+that differs between factors, a conv ``up`` with a kernel, an empty factor or a non-scalar alpha
+raise ``InvalidFileError`` naming the module and the shapes, whether the caller reads tensors
+(check weights, merge, resize, convert) or only the header (check keys, metadata show).
 """
 
 from __future__ import annotations
@@ -101,13 +106,30 @@ class AdapterModule:
         """Build the module from ``suffix -> tensor`` (kohya suffixes), or None if incomplete.
 
         ``alpha`` overrides a stored ``alpha`` tensor (PEFT files keep it in metadata).
+
+        Raises:
+            InvalidFileError: factor shapes that do not fit together (``describe``'s check).
         """
         raise NotImplementedError
 
     @classmethod
     def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
-        """``(rank, weight_shape)`` from ``suffix -> shape`` alone, or None if incomplete."""
+        """``(rank, weight_shape)`` from ``suffix -> shape`` alone, or None if incomplete.
+
+        Raises:
+            InvalidFileError: (no path, no module name: the callers add them) the shapes do not fit
+                together; the message names the factors and their shapes.
+        """
         raise NotImplementedError
+
+    @classmethod
+    def _described(cls, name: str,
+                   tensors: Mapping[str, torch.Tensor]) -> tuple[int | None, tuple[int, ...] | None] | None:
+        """``describe`` on the shapes of ``tensors``, its error naming the module: ``parse``'s validation."""
+        try:
+            return cls.describe({k: tuple(v.shape) for k, v in tensors.items()})
+        except InvalidFileError as exc:
+            raise InvalidFileError(f"module {name}: {exc}") from None
 
     # -- maths ----------------------------------------------------------------------------
     @property
@@ -208,14 +230,20 @@ class WholeDelta(AdapterModule):
     def parse(cls, name: str, tensors: Mapping[str, torch.Tensor], *, source_name: str = "",
               alpha: float | None = None) -> WholeDelta | None:
         weight, bias = cls.SUFFIXES
-        if weight not in tensors:
+        if cls._described(source_name or name, tensors) is None:
             return None
         return cls(name=name, source_name=source_name or name, **{weight: tensors[weight], bias: tensors.get(bias)})
 
     @classmethod
     def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
-        weight = cls.SUFFIXES[0]
-        return (None, tuple(shapes[weight])) if weight in shapes else None
+        weight, bias = cls.SUFFIXES
+        if weight not in shapes:
+            return None
+        w = tuple(shapes[weight])
+        require_ndim(weight, w, (1, 2, 3, 4, 5))
+        if bias in shapes and math.prod(shapes[bias]) != w[0]:
+            raise shape_error(f"{bias} has shape {_fmt(tuple(shapes[bias]))} but {weight} {_fmt(w)} has {w[0]} rows")
+        return None, w
 
     def _stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = self.SUFFIXES
@@ -235,6 +263,47 @@ class WholeDelta(AdapterModule):
     def tensors(self) -> dict[str, torch.Tensor]:
         weight, bias = self._stored()
         return {k: t for k, t in zip(self.SUFFIXES, (weight, bias)) if t is not None}
+
+
+def shape_error(problem: str) -> InvalidFileError:
+    """The error ``describe`` raises: what does not fit, and that no trainer writes such a file."""
+    return InvalidFileError(f"{problem}; the file is damaged or was not written by a LoRA trainer")
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return str(tuple(shape))
+
+
+def require_ndim(suffix: str, shape: tuple[int, ...], allowed: tuple[int, ...]) -> None:
+    """``shape`` has one of the ``allowed`` numbers of dimensions and no empty dimension."""
+    if len(shape) not in allowed:
+        dims = " or ".join(f"{n}-D" for n in allowed)
+        raise shape_error(f"{suffix} has shape {_fmt(shape)}; a {dims} factor is expected")
+    if 0 in shape:
+        raise shape_error(f"{suffix} has shape {_fmt(shape)}: an empty factor")
+
+
+def require_join(a: str, a_shape: tuple[int, ...], a_dim: int, b: str, b_shape: tuple[int, ...], b_dim: int,
+                 what: str = "rank") -> None:
+    """Dimension ``a_dim`` of one factor equals dimension ``b_dim`` of the other (the shared rank)."""
+    if a_shape[a_dim] != b_shape[b_dim]:
+        raise shape_error(f"{a} {_fmt(a_shape)} and {b} {_fmt(b_shape)} disagree on the {what} "
+                          f"({a_shape[a_dim]} vs {b_shape[b_dim]})")
+
+
+def require_shared(shapes: Mapping[str, tuple[int, ...]], weight_shape: tuple[int, ...] | None) -> None:
+    """``alpha`` (and A1111's ``scale``) hold one number; ``dora_scale`` has one value per output row
+    (or per input column, LyCORIS' older layout) of ``weight_shape``."""
+    for key in ("alpha", "scale"):
+        if key in shapes and math.prod(shapes[key]) != 1:
+            raise shape_error(f"{key} has shape {_fmt(shapes[key])}; one number is expected")
+    dora = shapes.get("dora_scale")
+    if dora is None or weight_shape is None:
+        return
+    n, out = math.prod(dora), weight_shape[0]
+    if not ((dora and dora[0] == out and n == out) or (len(weight_shape) > 1 and n == weight_shape[1])):
+        raise shape_error(f"dora_scale has shape {_fmt(dora)}, which fits neither the {out} output rows nor the "
+                          f"input columns of the weight {_fmt(weight_shape)}")
 
 
 def read_alpha(t: torch.Tensor) -> float:

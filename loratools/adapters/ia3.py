@@ -7,11 +7,12 @@ stores ``w`` as ``(C,)``, conv as ``(1, C, 1, 1)``. No alpha.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loratools.adapters.base import AdapterModule
+from loratools.adapters.base import AdapterModule, require_ndim, shape_error
 from loratools.errors import InvalidFileError
 
 if TYPE_CHECKING:
@@ -31,15 +32,20 @@ class IA3Module(AdapterModule):
     @classmethod
     def parse(cls, name: str, tensors: Mapping[str, torch.Tensor], *, source_name: str = "",
               alpha: float | None = None) -> IA3Module | None:
-        if "weight" not in tensors or "on_input" not in tensors:
+        if cls._described(source_name or name, tensors) is None:
             return None
-        on_input = bool(int(tensors["on_input"].reshape(-1)[0]))
+        on_input = bool(tensors["on_input"].reshape(-1)[0] != 0)  # any dtype, uint64 included
         return cls(name=name, source_name=source_name or name, weight=tensors["weight"], on_input=on_input)
 
     @classmethod
     def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
         if "weight" not in shapes or "on_input" not in shapes:
             return None
+        require_ndim("weight", tuple(shapes["weight"]), (1, 2, 3, 4))
+        if len([d for d in shapes["weight"] if d != 1]) > 1:
+            raise shape_error(f"weight has shape {tuple(shapes['weight'])}; an IA3 vector has one axis longer than 1")
+        if math.prod(shapes["on_input"]) != 1:
+            raise shape_error(f"on_input has shape {tuple(shapes['on_input'])}; one flag is expected")
         return None, None  # the base weight's shape is not in an IA3 module's header
 
     @property

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loratools.adapters.base import AdapterModule, apply_dora, read_alpha
+from loratools.adapters.base import (AdapterModule, apply_dora, read_alpha, require_join, require_ndim,
+                                     require_shared, shape_error)
 
 if TYPE_CHECKING:
     import torch
@@ -45,11 +46,9 @@ class LoHaModule(AdapterModule):
     @classmethod
     def parse(cls, name: str, tensors: Mapping[str, torch.Tensor], *, source_name: str = "",
               alpha: float | None = None) -> LoHaModule | None:
-        if any(k not in tensors for k in _NAMES):
+        if cls._described(source_name or name, tensors) is None:
             return None
         t1, t2 = tensors.get("hada_t1"), tensors.get("hada_t2")
-        if (t1 is None) != (t2 is None):
-            return None
         if alpha is None and "alpha" in tensors:
             alpha = read_alpha(tensors["alpha"])
         return cls(name=name, source_name=source_name or name, alpha=alpha,
@@ -59,9 +58,26 @@ class LoHaModule(AdapterModule):
 
     @classmethod
     def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
-        if any(k not in shapes for k in _NAMES):
+        if any(k not in shapes for k in _NAMES) or (("hada_t1" in shapes) != ("hada_t2" in shapes)):
             return None
-        return shapes["hada_w1_b"][0], _weight_shape(shapes["hada_w1_a"], shapes["hada_w1_b"], shapes.get("hada_t1"))
+        s = {k: tuple(v) for k, v in shapes.items()}
+        for k in _NAMES:
+            require_ndim(k, s[k], (2,))
+        products = []
+        for n in ("1", "2"):
+            a, b, t = f"hada_w{n}_a", f"hada_w{n}_b", f"hada_t{n}"
+            if t in s:  # Tucker: W[p,q,h,w] = sum t[i,j,h,w] b[j,q] a[i,p]
+                require_ndim(t, s[t], (4,))
+                require_join(t, s[t], 0, a, s[a], 0)
+                require_join(t, s[t], 1, b, s[b], 0)
+            else:
+                require_join(a, s[a], 1, b, s[b], 0)
+            products.append(_weight_shape(s[a], s[b], s.get(t)))
+        if products[0] != products[1]:
+            raise shape_error(f"the two Hadamard factors have different shapes: hada_w1 gives {products[0]}, "
+                              f"hada_w2 gives {products[1]}")
+        require_shared(s, products[0])
+        return s["hada_w1_b"][0], products[0]
 
     @property
     def rank(self) -> int:

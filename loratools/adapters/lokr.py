@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loratools.adapters.base import AdapterModule, apply_dora, read_alpha
+from loratools.adapters.base import AdapterModule, apply_dora, read_alpha, require_join, require_ndim, require_shared
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ class LoKrModule(AdapterModule):
     @classmethod
     def parse(cls, name: str, tensors: Mapping[str, torch.Tensor], *, source_name: str = "",
               alpha: float | None = None) -> LoKrModule | None:
-        if _shapes_incomplete({k: tuple(v.shape) for k, v in tensors.items()}):
+        if cls._described(source_name or name, tensors) is None:
             return None
         if alpha is None and "alpha" in tensors:
             alpha = read_alpha(tensors["alpha"])
@@ -60,8 +60,15 @@ class LoKrModule(AdapterModule):
     def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
         if _shapes_incomplete(shapes):
             return None
-        s = {k.removeprefix("lokr_"): v for k, v in shapes.items() if k.startswith("lokr_")}
-        return _rank(s), _weight_shape(s)
+        s = {k.removeprefix("lokr_"): tuple(v) for k, v in shapes.items() if k.startswith("lokr_")}
+        if "w1" in s:  # a full factor wins over a split one, as in parse
+            s = {k: v for k, v in s.items() if k not in ("w1_a", "w1_b")}
+        if "w2" in s:
+            s = {k: v for k, v in s.items() if k not in ("w2_a", "w2_b", "t2")}
+        _check_factors(s)
+        weight = _weight_shape(s)
+        require_shared(shapes, weight)
+        return _rank(s), weight
 
     @property
     def rank(self) -> int | None:
@@ -113,6 +120,21 @@ def _shapes_incomplete(shapes: Mapping[str, tuple[int, ...]]) -> bool:
     has_w1 = "lokr_w1" in shapes or ("lokr_w1_a" in shapes and "lokr_w1_b" in shapes)
     has_w2 = "lokr_w2" in shapes or ("lokr_w2_a" in shapes and "lokr_w2_b" in shapes)
     return not (has_w1 and has_w2)
+
+
+def _check_factors(s: Mapping[str, tuple[int, ...]]) -> None:
+    """The Kronecker factors are matrices (w2 may be a conv kernel) whose split parts share a rank."""
+    for key, ndim in (("w1", (2,)), ("w1_a", (2,)), ("w1_b", (2,)), ("w2", (2, 4)), ("w2_a", (2,)),
+                      ("w2_b", (2,)), ("t2", (4,))):
+        if key in s:
+            require_ndim(f"lokr_{key}", s[key], ndim)
+    if "w1" not in s:
+        require_join("lokr_w1_a", s["w1_a"], 1, "lokr_w1_b", s["w1_b"], 0)
+    if "t2" in s:  # Tucker: w2[p,r,h,w] = sum t2[i,j,h,w] w2_a[i,p] w2_b[j,r]
+        require_join("lokr_t2", s["t2"], 0, "lokr_w2_a", s["w2_a"], 0)
+        require_join("lokr_t2", s["t2"], 1, "lokr_w2_b", s["w2_b"], 0)
+    elif "w2" not in s:
+        require_join("lokr_w2_a", s["w2_a"], 1, "lokr_w2_b", s["w2_b"], 0)
 
 
 def _rank(s: Mapping[str, tuple[int, ...]]) -> int | None:

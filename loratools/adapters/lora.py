@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loratools.adapters.base import AdapterModule, apply_dora, read_alpha
+from loratools.adapters.base import (AdapterModule, apply_dora, read_alpha, require_join, require_ndim,
+                                     require_shared, shape_error)
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +49,7 @@ class LoRAModule(AdapterModule):
     def parse(cls, name: str, tensors: Mapping[str, torch.Tensor], *, source_name: str = "",
               alpha: float | None = None) -> LoRAModule | None:
         down, up = tensors.get("lora_down.weight"), tensors.get("lora_up.weight")
-        if down is None or up is None:
+        if cls._described(source_name or name, tensors) is None:
             return None
         if alpha is None and "alpha" in tensors:
             alpha = read_alpha(tensors["alpha"])
@@ -57,10 +58,26 @@ class LoRAModule(AdapterModule):
 
     @classmethod
     def describe(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, tuple[int, ...] | None] | None:
-        down, up = shapes.get("lora_down.weight"), shapes.get("lora_up.weight")
+        down, up, mid = shapes.get("lora_down.weight"), shapes.get("lora_up.weight"), shapes.get("lora_mid.weight")
         if down is None or up is None:
             return None
-        return down[0], _weight_shape(down, up, shapes.get("lora_mid.weight"))
+        down, up = tuple(down), tuple(up)
+        require_ndim("lora_down.weight", down, (2, 4))
+        require_ndim("lora_up.weight", up, (2, 4))
+        if up[2:] not in ((), (1, 1)):
+            raise shape_error(f"lora_up.weight has shape {up}; a conv up factor must be 1x1")
+        if mid is None:
+            require_join("lora_up.weight", up, 1, "lora_down.weight", down, 0)
+        else:
+            mid = tuple(mid)
+            require_ndim("lora_mid.weight", mid, (4,))
+            if down[2:] not in ((), (1, 1)):
+                raise shape_error(f"lora_down.weight has shape {down}; with a Tucker lora_mid it must be 1x1")
+            require_join("lora_up.weight", up, 1, "lora_mid.weight", mid, 0)
+            require_join("lora_mid.weight", mid, 1, "lora_down.weight", down, 0)
+        weight = _weight_shape(down, up, mid)
+        require_shared(shapes, weight)
+        return down[0], weight
 
     @property
     def rank(self) -> int:

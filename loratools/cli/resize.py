@@ -85,6 +85,9 @@ def resize(
         "--cache-dir", metavar="FOLDER", help="Folder of the base-norm cache (default: the user cache folder).",
         show_default=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the base-norm cache.")] = False,
+    skip_nonfinite: Annotated[bool, typer.Option(
+        "--skip-nonfinite", help="Leave out modules whose factors hold NaN/Inf (with a warning) instead of "
+        "refusing the LoRA.")] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -112,10 +115,12 @@ def resize(
                          "recipe(s); give an output folder")
     dtype = {"16": "fp16", "32": "fp32"}.get(precision, precision) if precision else None
     rz = Resizer(base_path, cache_dir=None if no_cache else (cache_dir or "default"), device=device)
-    _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dry_run, verbose, json_out)
+    _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dry_run, verbose, json_out,
+         skip_nonfinite)
 
 
-def _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dry_run, verbose, json_out) -> None:
+def _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dry_run, verbose, json_out,
+         skip_nonfinite=False) -> None:
     from loratools.cli.output import out
 
     for p in skipped:
@@ -129,7 +134,8 @@ def _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dr
                 bar.update(task, description=f"{_name}: {phase}", completed=done, total=total)
 
             res = rz.resize(lora, recipes, output=output, dtype=dtype, overwrite=overwrite,
-                            kohya_compat=kohya_compat, dry_run=dry_run, progress=progress)
+                            kohya_compat=kohya_compat, dry_run=dry_run, progress=progress,
+                            skip_nonfinite=skip_nonfinite)
             results.append(res)
             if not json_out:
                 _render(res, dry_run or verbose > 0)

@@ -85,6 +85,7 @@ def _dry_run(cfg: Any, json_out: bool) -> None:
     from trainer.data.layout import build_layouts
     from trainer.data.steps import plan_for_layouts
 
+    _check_base_path(cfg.pretrained_model_name_or_path)
     layouts = build_layouts(cfg, seed=cfg.seed or 0)
     validation = build_layouts(cfg, validation=True) if any(l.spec.validation_split > 0 for l in layouts) else []
     plan = plan_for_layouts(cfg, layouts, num_validation_images=sum(v.num_train_images for v in validation))
@@ -115,6 +116,19 @@ def _dry_run(cfg: Any, json_out: bool) -> None:
     out.show(out.table("Files a run writes", ["file"], [(o,) for o in outputs]))
     for message in cfg.warnings:
         out.warn(message)
+
+
+def _check_base_path(base: str | None) -> None:
+    """A dry run loads no model, but a base path that a real run could not open is an error now too."""
+    if not base:
+        return
+    path = Path(base).expanduser()
+    if not path.exists():
+        from loratools.errors import UsageError
+        from loratools.io.paths import missing_reason
+
+        raise UsageError(f"--pretrained_model_name_or_path {base}: {missing_reason(path)}; pass a local diffusers "
+                         "folder or a single-file checkpoint (nothing is downloaded from a hub)", path=None)
 
 
 def _list_flags(json_out: bool) -> None:

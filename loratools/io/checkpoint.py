@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from loratools.errors import InvalidFileError
 from loratools.io.header import directory_hint
+from loratools.io.paths import missing_reason, os_problem
 from loratools.io.reader import SafetensorsReader, open_safetensors
 
 if TYPE_CHECKING:
@@ -52,41 +54,113 @@ def open_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
     return open_safetensors(p)
 
 
-def _unpickler_detail(message: str) -> str:
-    """The one useful line of torch's long weights_only error."""
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", message, re.S)
-    text = m.group(1) if m else (message.strip().splitlines() or ["unpickling failed"])[0]
-    return " ".join(text.split())[:200]
-
-
 def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
     import torch
 
-    if not p.exists():
-        raise InvalidFileError("file not found", path=p)
+    if not p.is_file():
+        raise InvalidFileError(missing_reason(p) if not p.exists() else "is not a regular file", path=p)
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol UserWarning would break the one-line error
             warnings.simplefilter("ignore")
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(str(exc))
-        if "Unsupported global" in detail:
-            what = re.search(r"GLOBAL (\S+)", detail)
-            raise InvalidFileError(
-                "refusing to load: this checkpoint needs pickle code to load "
-                f"({what.group(1) if what else 'a non-tensor object'}), which could run code from the file; "
-                "convert it to .safetensors with a tool you trust", path=p) from None
-        raise InvalidFileError(f"not a readable PyTorch checkpoint ({detail}): loratools reads pickles only with "
-                               "torch's safe loader (tensors and plain containers); convert it to .safetensors "
-                               "with a tool you trust", path=p) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise InvalidFileError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''})", path=p) from None
+        raise _refusal(p, str(exc)) from None
+    except OSError as exc:
+        raise InvalidFileError(f"cannot read the checkpoint ({os_problem(exc, p)})", path=p) from None
+    except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, TypeError, KeyError,
+            IndexError, struct.error) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidFileError(f"not a readable PyTorch checkpoint ({first[:200]}); the file is truncated or "
+                               "damaged", path=p) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise InvalidFileError(f"checkpoint holds a {type(obj).__name__}, not a state dict", path=p)
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _refusal(p: Path, torch_message: str) -> InvalidFileError:
+    """Why torch's safe loader refused ``p``, said plainly: the code the file would run, by name.
+
+    torch's own message suggests re-running with ``weights_only=False``, which is exactly what
+    must not be done with a file from the internet; the import it refused is what the user needs.
+    """
+    globals_ = [g for g in pickle_globals(p) if not g.startswith(_TENSOR_GLOBALS)]
+    named = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    if not globals_ and named:
+        globals_ = [named.group(1)]
+    if globals_:
+        shown = ", ".join(globals_[:3]) + (f" and {len(globals_) - 3} more" if len(globals_) > 3 else "")
+        return InvalidFileError(
+            f"refused: loading this checkpoint would run code from it ({shown}); nothing was run. loratools "
+            "loads pickles only as plain tensors. To use it safely, get a .safetensors version from its author, "
+            "or, if you trust where it came from, convert it inside a throwaway container or VM", path=p)
+    reason = " ".join(torch_message.split("WeightsUnpickler error:")[-1].split()).split(" Check the ")[0]
+    return InvalidFileError(f"not a readable PyTorch checkpoint ({reason[:160]}); the file is damaged or not a "
+                            "checkpoint (nothing in it was run)", path=p)
+
+
+#: Globals that torch's safe loader itself uses to rebuild tensors; anything else is worth naming.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.dict",
+                   "builtins.list", "builtins.tuple")
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+               "STRING"}
+
+
+def pickle_globals(path: str | Path, limit: int = 50) -> list[str]:
+    """The ``module.name`` globals a pickle (or a torch zip's ``data.pkl``) imports, read without unpickling.
+
+    ``pickletools.genops`` only decodes opcodes; nothing in the file is imported or called. Used to
+    name what a refused checkpoint would have run. Unreadable streams give what was read so far.
+    """
+    import pickletools
+
+    found: list[str] = []
+    try:
+        data = _pickle_bytes(Path(path))
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return found
+    strings: list[str] = []
+    memo: dict[int, str] = {}
+    pos = 0
+    try:
+        while pos < len(data) and len(found) < limit:  # torch's legacy format: several pickles in a row
+            for op, arg, at in pickletools.genops(data[pos:]):
+                name = op.name
+                if name in _STRING_OPS:
+                    strings.append(str(arg))
+                elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                    strings.append(memo[int(arg)])
+                elif name in ("GLOBAL", "INST"):
+                    found.append(_py3(*str(arg).split(" ", 1)))
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(_py3(strings[-2], strings[-1]))
+                elif name == "STOP":
+                    pos += at + 1
+                    break
+            else:
+                break
+    except Exception:  # noqa: BLE001 - a damaged stream ends the scan; what was found is still true
+        pass
+    return list(dict.fromkeys(found))
+
+
+def _py3(module: str, name: str = "") -> str:
+    """``module.name`` as Python 3 spells it (protocol-2 pickles say ``__builtin__``)."""
+    return f"{'builtins' if module == '__builtin__' else module}.{name}" if name else module
+
+
+def _pickle_bytes(p: Path) -> bytes:
+    if zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            return zf.read(member) if member is not None else b""
+    with open(p, "rb") as fh:
+        return fh.read(64 << 20)  # the pickles lead a legacy file; the storages that follow are not needed
 
 
 class _Shards(Mapping[str, "torch.Tensor"]):
@@ -168,7 +242,7 @@ def open_model(path: str | Path, *, variant: str | None = None) -> ModelSource:
     """
     p = Path(path)
     if not p.exists():
-        raise InvalidFileError("not found", path=p)
+        raise InvalidFileError(missing_reason(p), path=p)
     if not p.is_dir():
         return ModelSource(p, "single_file", {"": open_state_dict(p)}, {"": [p]})
     components: dict[str, Mapping[str, torch.Tensor]] = {}

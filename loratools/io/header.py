@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loratools.errors import InvalidFileError
 from loratools.io.dtypes import ITEM_SIZES, sort_key
+from loratools.io.paths import os_problem
 
 #: The reference implementation refuses headers above 100 MB; so do we (a corrupt length field
 #: must not make us allocate gigabytes).
@@ -114,12 +115,10 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             (n,) = struct.unpack("<Q", first[:8])
             _check_length(p, n, size)
             raw = first[8:] + fh.read(n - 1) if n else b""
-    except FileNotFoundError:
-        raise _fail(p, "file not found") from None
-    except PermissionError:
-        raise _fail(p, "permission denied while reading") from None
     except IsADirectoryError:
         raise _fail(p, "is a directory, not a .safetensors file") from None
+    except OSError as exc:
+        raise _fail(p, os_problem(exc, p)) from None
     return parse_header(raw, size, p)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from loratools.errors import InvalidFileError
 from loratools.io.dtypes import item_size, to_torch
 from loratools.io.header import SafetensorsHeader, TensorInfo, read_header
+from loratools.io.paths import os_problem
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +95,8 @@ class SafetensorsReader(Mapping[str, "torch.Tensor"]):
                                                path=self.path)
                     self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
             except OSError as exc:
-                raise InvalidFileError(f"cannot map file for reading ({exc.strerror})", path=self.path) from None
+                raise InvalidFileError(f"cannot map file for reading ({os_problem(exc, self.path)})",
+                                       path=self.path) from None
         return self._mm
 
     def __repr__(self) -> str:
@@ -143,5 +145,5 @@ def read_scalars(header: SafetensorsHeader, keys: list[str]) -> dict[str, float]
                 elif info.dtype in _STRUCT_CODES:
                     out[key] = float(struct.unpack("<" + _STRUCT_CODES[info.dtype], raw)[0])
     except OSError as exc:
-        raise InvalidFileError(f"cannot read file ({exc.strerror})", path=header.path) from None
+        raise InvalidFileError(f"cannot read file ({os_problem(exc, header.path)})", path=header.path) from None
     return out

@@ -1,25 +1,31 @@
 """Streaming, atomic safetensors writer: the only code in loratools that creates model files.
 
 Tensors are produced and written one at a time (a 7 GB merge never sits in RAM) in safetensors'
-own order, into a temporary file in the target folder that is fsynced and renamed over the target
-only when complete; any failure removes it. An existing output is refused unless ``overwrite``; an
-input (``protected``) is refused always, because the reader may still be mapping it.
+own order, into ``.<name>.loratools-partial`` in the target folder (``claim.py``: held under a lock,
+so a second writer of the same output is refused and a killed run's leftover is removed by the
+next run), fsynced and renamed onto the target only when complete; any failure, Ctrl-C, SIGTERM or
+SIGHUP removes it. An existing output is refused unless ``overwrite``; an input (``protected``) is
+refused always, because the reader may still be mapping it. A full disk is one error naming the
+folder and the bytes the file needs, checked before the first byte and again on every write.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import tempfile
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratools.errors import OutputExistsError, UsageError
+from loratools.errors import DiskFullError, OutputExistsError, UsageError, WriteError
+from loratools.io.claim import Claim, claim, clear_stale
 from loratools.io.dtypes import from_torch
 from loratools.io.hashes import SshsHasher, autov2, file_sha256, ss_only
 from loratools.io.header import data_layout, encode_header
+from loratools.io.paths import os_problem
 
 if TYPE_CHECKING:
     import torch
@@ -64,12 +70,16 @@ class WrittenFile:
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
+    except OSError:  # one does not exist (or is a link loop): the same path spelled two ways?
+        try:
+            return a.resolve() == b.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+            return os.path.abspath(a) == os.path.abspath(b)
 
 
 def check_output_path(path: str | Path, *, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
-    """Refuse an output that is an input, an existing file (without ``overwrite``) or unwritable.
+    """Refuse an output that is an input, an existing file (without ``overwrite``), unwritable, or
+    being written by another process right now; remove a stale temporary file a killed run left.
 
     Called by the writer, and by operations before any expensive work so the user hears at once.
     """
@@ -80,15 +90,41 @@ def check_output_path(path: str | Path, *, overwrite: bool = False, protected: I
                                     "(inputs are never overwritten)", path=out)
     if out.is_dir():
         raise OutputExistsError("output is a directory; give a file name", path=out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError("output exists; pass --overwrite to replace it", path=out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"output folder {parent} does not exist; create it first", path=out)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write to folder {parent} (permission denied); choose another output",
                          path=out)
+    clear_stale(out)
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError("output exists; pass --overwrite to replace it", path=out)
     return out
+
+
+def need_space(out: Path, size: int) -> None:
+    """Refuse before writing when ``out``'s folder cannot hold ``size`` more bytes (an old output being
+    replaced still occupies its space until the rename). ``out`` may be a file or a folder to create."""
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        return
+    if free < size:
+        raise disk_full(out, size, free)
+
+
+def disk_full(out: Path, size: int, free: int | None = None) -> DiskFullError:
+    """The one error for a full disk: the folder, what ``out`` needs, what is free (when known)."""
+    have = "" if free is None else f", {_bytes(free)} free"
+    return DiskFullError(f"not enough space to write {out.name}: it needs {_bytes(size)}{have}; free some space "
+                         "or choose another output folder", path=out.parent if str(out.parent) else ".")
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> None:
@@ -128,6 +164,9 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
         ``WrittenFile`` with size, final metadata and hashes.
     Raises:
         OutputExistsError, UsageError: the output path is not acceptable (nothing is written).
+        OutputBusyError: another process is writing the same output now.
+        DiskFullError, WriteError: the folder has too little space, or the system failed a write
+            (the temporary file is removed; an existing output is untouched).
     Example:
         >>> write_safetensors("out.safetensors", [TensorSpec("w", torch.float16, (4, 4))],
         ...                   lambda name: torch.zeros(4, 4, dtype=torch.float16))
@@ -146,17 +185,18 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
     header = encode_header(layout, meta)
     full = hashlib.sha256(header) if sha256 and not sshs_hashes else None
 
+    size = len(header) + (layout[-1][4] if layout else 0)
+    producing = False
+    held = _claim(out, size)
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UsageError(f"cannot create a file in {out.parent} ({exc.strerror}); choose another output",
-                         path=out) from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        held.arm()  # a Ctrl-C/SIGTERM that came while claiming is raised here, where abandon() runs
+        need_space(out, size)
+        with os.fdopen(os.dup(held.fd), "wb") as fh:  # the claim's own fd keeps the lock until the rename
             fh.write(header)
             for name, dt, shape, begin, end in layout:
+                producing = True
                 t = produce(name)
+                producing = False
                 if from_torch(t.dtype) != dt or tuple(t.shape) != shape:
                     raise ValueError(f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, "
                                      f"declared {dt} {shape}")
@@ -176,18 +216,38 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], produce: Ca
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(held.path, 0o666 & ~umask)
         if out.exists() and any(_same_file(out, Path(p)) for p in protected):  # appeared meanwhile
             raise OutputExistsError("output became one of the inputs; refusing to replace it", path=out)
-        os.replace(tmp, out)
+    except OSError as exc:
+        held.abandon()
+        if producing:  # reading an input failed: that error is the input's, not the output's
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(out, size) from None
+        raise WriteError(f"cannot write {out.name}: {os_problem(exc)}", path=out) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        held.abandon()
         raise
+    try:
+        held.finish(overwrite=overwrite)
+    except OSError as exc:
+        raise WriteError(f"cannot rename the finished file onto {out.name}: {os_problem(exc)}", path=out) from None
     _fsync_dir(out.parent)
-    return WrittenFile(out, len(header) + (layout[-1][4] if layout else 0), meta or {},
+    return WrittenFile(out, size, meta or {},
                        meta.get("sshs_model_hash") if sshs_hashes and meta else None,
                        meta.get("sshs_legacy_hash") if sshs_hashes and meta else None,
                        full.hexdigest() if full is not None else None)
+
+
+def _claim(out: Path, size: int) -> Claim:
+    try:
+        return claim(out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(out, size) from None
+        raise UsageError(f"cannot create a file in {out.parent} ({os_problem(exc)}); choose another output",
+                         path=out) from None
 
 
 def _fsync_dir(folder: Path) -> None:

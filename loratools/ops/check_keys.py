@@ -264,16 +264,19 @@ def _safe_guess(summary: Any, metadata: Mapping[str, str]) -> ArchInfo | None:
 
 def _adapter_header(path: Path) -> tuple[Any, dict[str, str], dict[str, tuple[int, ...]]]:
     """A `describe_header` summary, the metadata and `{key: shape}` of an adapter without reading
-    tensor data (safetensors), or from the loaded tensors' shapes (pickles)."""
-    from loratools.adapters import describe_header
+    tensor data (safetensors), or from the loaded tensors' shapes (pickles). A file without adapter
+    modules, or with factors that do not fit together, is refused here (`require_modules`,
+    `describe_header`'s shape check)."""
+    from loratools.adapters import describe_header, require_modules
     from loratools.io.checkpoint import open_state_dict
     from loratools.io.header import read_header
 
     if path.suffix.lower() == ".safetensors":
         header = read_header(path)
         shapes = {k: tuple(v.shape) for k, v in header.tensors.items()}
-        return describe_header(header.tensors, header.metadata), dict(header.metadata), shapes
+        summary = describe_header(header.tensors, header.metadata, path=path)
+        return require_modules(summary, path), dict(header.metadata), shapes
     sd = open_state_dict(path)
     metadata = dict(getattr(sd, "metadata", None) or {})
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    return describe_header(shapes, metadata), metadata, shapes
+    return require_modules(describe_header(shapes, metadata, path=path), path), metadata, shapes

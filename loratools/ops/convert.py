@@ -113,12 +113,12 @@ def convert(options: ConvertOptions) -> ConvertResult:
     Example:
         >>> convert(ConvertOptions(Path("a.safetensors"), Path("a_peft.safetensors"), "peft"))
     """
-    from loratools.adapters import load_adapter, require_modules
+    from loratools.adapters import load_adapter
     from loratools.io.writer import check_output_path, save_tensors
     from loratools.keys.resolve import module_shapes, place_modules
 
     check_output_path(options.output, overwrite=options.overwrite, protected=_protected(options))
-    adapter = require_modules(load_adapter(options.input))
+    adapter = load_adapter(options.input)  # refuses a file without modules, malformed factors, NaN/Inf
     index = _index(adapter, options)
     arch = index.arch.arch
     placements = place_modules(module_shapes(adapter), index)

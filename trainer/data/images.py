@@ -27,16 +27,66 @@ def _pil_filter(name: str):
     }[name]
 
 
+def _pil_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a damaged file: truncated data, a broken chunk, a size past its safety limit."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _unreadable(path: Path, exc: BaseException) -> InvalidFileError:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return InvalidFileError(f"cannot read the image ({text}); remove or re-save it", path=path)
+
+
 def load_image(path: Path, with_alpha: bool = False) -> np.ndarray:
     """The image as uint8 HxWx3 (RGB) or HxWx4 (RGBA when ``with_alpha``; opaque if the file has no alpha)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             mode = "RGBA" if with_alpha else "RGB"
             return np.asarray(img if img.mode == mode else img.convert(mode)).copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidFileError(f"cannot read the image ({exc}); remove or re-save it", path=path) from None
+    except _pil_errors() as exc:
+        raise _unreadable(path, exc) from None
+
+
+#: How each format's file ends when it is complete (PNG's IEND chunk, JPEG's end-of-image marker).
+_ENDINGS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image that will decode, read from its header and its last bytes.
+
+    Building the dataset runs this on every image, so a truncated download is named before the
+    first step instead of failing inside a DataLoader worker hours in (or never, when its batch
+    is not reached). A file whose ending is not the format's own (a truncated PNG/JPEG, a WebP
+    shorter than its RIFF size, any other format) is decoded once to be sure; complete files cost
+    a header and a 16-byte read.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            size, fmt = img.size, img.format
+        if not _looks_complete(path, fmt):
+            with Image.open(path) as img:
+                img.load()
+    except _pil_errors() as exc:
+        raise _unreadable(path, exc) from None
+    return size
+
+
+def _looks_complete(path: Path, fmt: str | None) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        end = fh.seek(0, 2)
+        fh.seek(max(0, end - 16))
+        tail = fh.read()
+    if fmt == "WEBP":
+        return head[:4] == b"RIFF" and int.from_bytes(head[4:8], "little") + 8 <= end
+    ending = _ENDINGS.get(fmt or "")
+    return ending is not None and tail.endswith(ending)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:

@@ -18,6 +18,7 @@ from trainer.config import TrainConfig, add_warning
 from trainer.data.blueprint import DatasetSpec, SubsetSpec, build_blueprint
 from trainer.data.buckets import BucketManager
 from trainer.data.captions import read_caption, tag_frequency
+from trainer.data.images import image_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -95,17 +96,6 @@ class DatasetLayout:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder`` (extensions in any case), sorted as sd-scripts sorts them."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; no pixel decoding."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidFileError(f"cannot read the image ({exc}); remove or re-save it", path=path) from None
 
 
 def split_train_validation(paths: list[Path], split: float, seed: int, validation: bool) -> list[Path]:
@@ -204,14 +194,26 @@ def _layout(cfg: TrainConfig, spec: DatasetSpec, validation: bool) -> DatasetLay
 
 
 def _read_subset(subset: SubsetSpec, paths: list[Path]) -> tuple[list[ImageInfo], list[Path]]:
-    infos, missing = [], []
+    """Every image's size and caption; all unreadable images are found before one error names them."""
+    infos, missing, unreadable = [], [], []
     for path in paths:
+        try:
+            size = image_size(path)
+        except InvalidFileError as exc:
+            unreadable.append(exc)
+            continue
         caption = read_caption(path, subset.caption.caption_extension, subset.caption.enable_wildcard)
         if caption is None:
             missing.append(path)
             caption = subset.class_tokens or ""
-        infos.append(ImageInfo(key=str(path.resolve()), path=path, size=image_size(path), caption=caption,
+        infos.append(ImageInfo(key=str(path.resolve()), path=path, size=size, caption=caption,
                                subset=subset, num_repeats=subset.num_repeats))
+    if unreadable:
+        first = unreadable[0]
+        others = ", ".join(Path(e.path or "").name for e in unreadable[1:4]) + (", ..." if len(unreadable) > 4 else "")
+        more = f"; {len(unreadable) - 1} more in {subset.image_dir} cannot be read either ({others})" \
+            if len(unreadable) > 1 else ""
+        raise InvalidFileError(str(first) + more)
     return infos, missing
 
 

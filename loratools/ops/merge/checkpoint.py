@@ -14,9 +14,9 @@ removed).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from loratools.errors import InvalidFileError, OutputExistsError, UnmatchedModulesError, UsageError
 from loratools.io.checkpoint import release_pages
 from loratools.io.dtypes import parse_dtype_name
-from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch, check_finite
+from loratools.ops.merge.plan import MergePlan, Patch, build_plan, check_arch
 from loratools.ops.merge.provenance import InputRecord, checkpoint_metadata, hash_input, title_of
 from loratools.ops.merge.ratios import WeightedPath
 
@@ -120,10 +120,13 @@ def _check_output(opts: MergeOptions, source: ModelSource) -> None:
                              path=opts.output)
         check_output_path(opts.output, overwrite=opts.overwrite, protected=inputs)
         return
+    from loratools.io.claim import clear_stale
+
     out = opts.output
     if out.exists() and (out.resolve() == source.path.resolve() or not out.is_dir()):
         raise OutputExistsError("a diffusers base is written as a new diffusers folder; give a new folder path",
                                 path=out)
+    clear_stale(out)  # a killed run's half-built folder goes; a live one's means "being written"
     if out.exists() and not opts.overwrite:
         raise OutputExistsError("output folder exists; pass --overwrite to replace it", path=out)
     parent = out.parent
@@ -141,8 +144,7 @@ def _load_adapters(opts: MergeOptions, arch: str):
     for wp in opts.adapters:
         if wp.path.is_dir():
             raise InvalidFileError("is a folder; adapters are single .safetensors files", path=wp.path)
-        adapter = load_adapter(wp.path)
-        check_finite(adapter, wp.path)
+        adapter = load_adapter(wp.path)  # refuses NaN/Inf factors, naming the tensor
         info = guess_adapter_arch(adapter)  # None: nothing tells; the shape checks of the plan still apply
         if info is not None:
             check_arch(arch, opts.base, info.arch, wp.path)
@@ -363,14 +365,22 @@ def _write_folder(opts: MergeOptions, source: ModelSource, writer: _Writer,
                   metadata_for: Callable[[Mapping], dict[str, str]], protected: Sequence[Path]) -> list[WrittenFile]:
     """Write a diffusers folder: configs and other files copied, each component's weights merged.
 
-    Built in a hidden temp folder next to the output and renamed into place at the end, so a failure
-    leaves nothing behind and an existing output is only replaced by a complete one.
+    Built in a hidden temp folder next to the output (``io.claim.claim_folder``) and renamed into place at
+    the end, so a failure leaves nothing behind, an existing output is only replaced by a complete one, and
+    a killed run's leftover is removed by the next run.
     """
+    from loratools.io.claim import claim_folder
+    from loratools.io.writer import disk_full, need_space
+
     out = opts.output
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    size = sum(f.stat().st_size for f in source.path.rglob("*") if f.is_file())  # fp32 -> fp16 needs less
+    need_space(out, size)
+    held = claim_folder(out)  # .<name>.loratools-partial/, locked: a second merge to `out` is refused
+    tmp = held.path
     written_dirs = {source.path / c for c in source.components}
     files = []
     try:
+        held.arm()
         for src in sorted(source.path.rglob("*")):
             rel = src.relative_to(source.path)
             dst = tmp / rel
@@ -385,10 +395,15 @@ def _write_folder(opts: MergeOptions, source: ModelSource, writer: _Writer,
             for rel, keys, sd in _component_outputs(source, component):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 files.append(writer.write_file(tmp / rel, component, sd, metadata_for(sd), False, protected, keys))
-        _replace_folder(tmp, out, opts.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        held.abandon()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the copies of configs and tokenizers
+            raise disk_full(out, size) from None
         raise
+    except BaseException:
+        held.abandon()
+        raise
+    held.finish(overwrite=opts.overwrite)
     return [_moved(f, tmp, out) for f in files]
 
 
@@ -396,15 +411,3 @@ def _moved(f: WrittenFile, tmp: Path, out: Path) -> WrittenFile:
     from dataclasses import replace
 
     return replace(f, path=out / f.path.relative_to(tmp))
-
-
-def _replace_folder(tmp: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:
-        raise OutputExistsError("output folder appeared while merging; nothing replaced", path=out)
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratools.errors import ArchitectureMismatchError, InvalidFileError, NonFiniteError
+from loratools.errors import ArchitectureMismatchError, InvalidFileError
 
 if TYPE_CHECKING:
     from loratools.adapters import AdapterFile
@@ -62,18 +62,6 @@ def check_arch(base_arch: str, base_path: Path, adapter_arch: str, adapter_path:
         raise ArchitectureMismatchError(
             f"adapter is for {adapter_arch} but the base {base_path.name} is {base_arch}; "
             f"use a {adapter_arch} base or a {base_arch} adapter", path=adapter_path)
-
-
-def check_finite(adapter: AdapterFile, path: Path) -> None:
-    """Fail fast, naming the module, when an adapter file already holds NaN/Inf (its merge would too)."""
-    from loratools.ops.merge.fuse import finite_range
-
-    for name, module in adapter.modules.items():
-        for suffix, tensor in module.tensors().items():
-            if not finite_range(tensor):
-                raise NonFiniteError(f"{name}.{suffix} holds NaN or Inf; the merge would be broken. "
-                                     "Fix or drop this adapter (`loratools check` shows all such tensors)",
-                                     path=path)
 
 
 def _fits(module: AdapterModule, target) -> bool:

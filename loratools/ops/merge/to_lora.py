@@ -178,14 +178,12 @@ def _full_shape(live: Sequence[tuple[float, AdapterModule]]) -> tuple[int, ...]:
 def _load(opts: LoraMergeOptions) -> tuple[list[tuple[WeightedPath, AdapterFile]], str]:
     from loratools.adapters import load_adapter
     from loratools.keys.arch import guess_adapter_arch
-    from loratools.ops.merge.plan import check_finite
 
     if len(opts.adapters) < 1:
         raise UsageError("give at least one adapter to merge")
     loaded, archs = [], []
     for wp in opts.adapters:
-        adapter = load_adapter(wp.path)
-        check_finite(adapter, wp.path)
+        adapter = load_adapter(wp.path)  # refuses NaN/Inf factors, naming the tensor
         info = guess_adapter_arch(adapter)
         archs.append(info.arch if info is not None else None)
         loaded.append((wp, adapter))

@@ -141,8 +141,10 @@ class Resizer:
                  device: str = "cpu", factor_cache_bytes: int = 128 << 20) -> None:
         from loratools.ops.resize.cache import NormCache, checkpoint_identity, default_cache_dir
 
+        from loratools.ops.device import check_device
+
         _return_freed_memory()
-        self.device = device
+        self.device = check_device(device)
         self.factor_cache_bytes = factor_cache_bytes
         self.model = self.index = self.arch = None
         self.cache: NormCache | None = None
@@ -168,7 +170,7 @@ class Resizer:
     # ------------------------------------------------------------------------------------
     def resize(self, lora: str | Path, recipes: str | Sequence[Recipe], *, output: str | Path | None = None,
                dtype: str | None = None, overwrite: bool = False, kohya_compat: bool = False,
-               dry_run: bool = False, progress: Progress | None = None) -> LoraOutcome:
+               dry_run: bool = False, progress: Progress | None = None, skip_nonfinite: bool = False) -> LoraOutcome:
         """Resize one LoRA file with every recipe.
 
         Args:
@@ -180,6 +182,8 @@ class Resizer:
             kohya_compat: sd-scripts' ranks for kohya methods (+1 included).
             dry_run: compute everything, write nothing.
             progress: ``callback(phase, done, total)``.
+            skip_nonfinite: leave out modules whose factors hold NaN/Inf (with a warning) instead
+                of refusing the file.
 
         Returns:
             A ``LoraOutcome`` with one ``RecipeOutcome`` per recipe.
@@ -213,7 +217,8 @@ class Resizer:
 
         from loratools.adapters import load_adapter
 
-        adapter = load_adapter(lora)
+        adapter = load_adapter(lora, nonfinite="skip" if skip_nonfinite else "error",
+                               nonfinite_fix="pass --skip-nonfinite to resize the rest without those modules")
         result = LoraOutcome(lora, [])
         result.warnings.extend(adapter.warnings)  # e.g. a stored alpha of 0 (scale 0) resizes to nothing
         self._check_arch(adapter, lora)
