@@ -156,7 +156,7 @@ def test_every_command_names_the_module_and_shapes(broken, tiny_sd1_ckpt, tmp_pa
     from loratools.ops.check_weights import check_file
     from loratools.ops.merge.checkpoint import MergeOptions, merge_checkpoint
     from loratools.ops.merge.ratios import WeightedPath
-    from loratools.ops.resize import Resizer, kohya_recipe, parse_recipes
+    from loratools.ops.resize import Resizer, parse_recipes
 
     d, module = broken["dir"], broken["module"]
     src = d / "rank.safetensors"

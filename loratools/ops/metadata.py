@@ -13,7 +13,6 @@ record decoded (kohya stringifies everything: ``"True"``, ``"None"``, JSON in st
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
