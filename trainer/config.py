@@ -73,7 +73,8 @@ class TrainConfig:
     v_parameterization: bool = _opt(False, "model", "v-prediction target.")
     vae: str | None = _opt(None, "model", "Replacement VAE (file or diffusers folder).")
     no_half_vae: bool = _opt(False, "model", "Keep the VAE in fp32 under mixed precision.")
-    lowram: bool = _opt(False, "model", "Load the models straight onto the GPU.")
+    lowram: bool = _opt(False, "model", "Processes load the base one after another (models always go straight "
+                                            "from the file to the GPU).")
     highvram: bool = _opt(False, "model", "Do not empty the CUDA cache while caching latents.")
     mixed_precision: str = _opt("no", "model", "Autocast dtype.", choices=MIXED_PRECISIONS)
     full_fp16: bool = _opt(False, "model", "Network computes in fp16 too (the optimizer keeps float32 master weights).")
