@@ -22,7 +22,7 @@ import traceback
 import typer
 
 from loratools import __version__, interrupts
-from loratools.cli import check, convert, demo, ema, merge, metadata, resize, train
+from loratools.cli import check, convert, demo, ema, extract, merge, metadata, resize, train
 from loratools.errors import Interrupted, LoratoolsError
 
 app = typer.Typer(
@@ -61,6 +61,7 @@ app.add_typer(metadata.app, name="metadata")
 app.add_typer(check.app, name="check")
 resize.register(app)
 merge.register(app)
+extract.register(app)
 ema.register(app)
 convert.register(app)
 train.register(app)

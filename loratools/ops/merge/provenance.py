@@ -86,6 +86,12 @@ def _modelspec(meta: dict[str, str], *, arch: str, architecture: str, implementa
     meta["modelspec.implementation_version"] = f"loratools/{__version__}"
 
 
+def lora_modelspec(meta: dict[str, str], *, arch: str, title: str, merged_from: Sequence[str]) -> None:
+    """Fill the ``modelspec.*`` keys of a LoRA file made from ``merged_from`` (merge, ema, extract)."""
+    _modelspec(meta, arch=arch, architecture=_ARCHITECTURES.get(arch, arch) + "/lora",
+               implementation=_SGM if arch == "sdxl" else "diffusers", title=title, merged_from=merged_from)
+
+
 def checkpoint_metadata(base_meta: Mapping[str, str] | None, *, arch: str, base: InputRecord,
                         adapters: Sequence[InputRecord], output: Path, dtype: str | None,
                         title: str | None, modelspec: bool = True, te_scale: float = 1.0) -> dict[str, str]:
@@ -127,10 +133,7 @@ def lora_metadata(first_meta: Mapping[str, str] | None, *, arch: str, adapters: 
         meta["ss_network_dim"] = str(max(ranks))
         distinct = {float(a) for a in alphas}
         meta["ss_network_alpha"] = str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
-    architecture = _ARCHITECTURES.get(arch, arch) + "/lora"
-    implementation = _SGM if arch == "sdxl" else "diffusers"
-    _modelspec(meta, arch=arch, architecture=architecture, implementation=implementation,
-               title=title or output.stem, merged_from=[a.title or a.path.stem for a in adapters])
+    lora_modelspec(meta, arch=arch, title=title or output.stem, merged_from=[a.title or a.path.stem for a in adapters])
     record = {"tool": f"loratools {__version__}", "mode": "recipe" if recipe else "concat", "recipe": recipe}
     record.update(extra or {})
     record["adapters"] = [a.as_json() for a in adapters]
