@@ -151,3 +151,21 @@ def test_cli_table_json_and_bad_input(run, tmp_path):
                         str(tmp_path / "bad.safetensors")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--beta 1.5" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_runs_last_step_saved_twice_counts_once(run, tmp_path):
+    """sd-scripts and the trainer save the last step as a step file and as the final file."""
+    import shutil
+
+    folder, ordered = run
+    for path, _ in ordered:
+        shutil.copy(path, tmp_path / path.name)
+    newest = ordered[-1][0]
+    shutil.copy(newest, tmp_path / "last.safetensors")
+    (tmp_path / "out").mkdir()
+    result = post_hoc_ema(EmaOptions([tmp_path], tmp_path / "out" / "e.safetensors", beta=0.7))
+    assert [i.step for i in result.inputs] == [60, 150, 300] and len(result.duplicates) == 1
+    other = ordered[0][1]
+    save_tensors(tmp_path / "clash.safetensors", other.tensors, dict(other.metadata, ss_steps="300"))
+    with pytest.raises(UsageError, match="both at ss_steps=300 but hold different weights"):
+        post_hoc_ema(EmaOptions([tmp_path], tmp_path / "out" / "f.safetensors", beta=0.7))

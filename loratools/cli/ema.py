@@ -84,7 +84,8 @@ def ema(
     if json_out:
         out.json({"output": str(merged.output), "arch": merged.arch, "ordered_by": result.ordered_by,
                   "schedule": result.schedule, "inputs": [i.as_json() for i in result.inputs],
-                  "skipped": [str(p) for p in result.skipped], "modules": merged.modules,
+                  "skipped": [str(p) for p in result.skipped],
+                  "duplicates": [str(p) for p in result.duplicates], "modules": merged.modules,
                   "max_rank": max(merged.ranks) if merged.ranks else None,
                   "size": merged.file.size if merged.file else None, "warnings": merged.warnings,
                   "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
@@ -95,6 +96,8 @@ def ema(
         out.warn(note)
     for path in result.skipped:
         out.info(f"skipped {path} (an earlier output of resize or ema)")
+    for path in result.duplicates:
+        out.info(f"skipped {path} (the same step and weights as another file: a run's last save)")
     how = {"given": "in the order given", "ss_steps": "by training step (ss_steps)",
            "ss_epoch": "by epoch (ss_epoch)"}[result.ordered_by]
     schedule = ", ".join(f"{k} {v:.4g}" for k, v in result.schedule.items())

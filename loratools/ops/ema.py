@@ -88,6 +88,7 @@ class EmaResult:
     schedule: dict[str, object]
     merge: LoraMergeResult
     skipped: list[Path] = field(default_factory=list)
+    duplicates: list[Path] = field(default_factory=list)  # same step and tensors as a kept file
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -158,24 +159,42 @@ def _is_ema_output(meta: dict[str, str]) -> bool:
         return False
 
 
-def order_inputs(paths: Sequence[Path], keep_order: bool) -> tuple[list[tuple[Path, int | None, int | None]], str]:
-    """The files oldest first, by ``ss_steps`` (every file has it), else ``ss_epoch``.
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Whether two adapter files hold the same tensors (a run's last step file and its final file do)."""
+    import torch
+
+    from loratools.io import open_safetensors
+
+    fa, fb = open_safetensors(a), open_safetensors(b)
+    return set(fa) == set(fb) and all(fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def order_inputs(paths: Sequence[Path], keep_order: bool
+                 ) -> tuple[list[tuple[Path, int | None, int | None]], str, list[Path]]:
+    """The files oldest first, by ``ss_steps`` (every file has it), else ``ss_epoch``; and the
+    duplicates left out (a file at the same step as another, holding the same tensors: sd-scripts
+    and the trainer save the last step both as a step file and as the final file).
 
     Raises:
         UsageError: a file has neither (naming it; ``--no_sort`` keeps the given order), or two
-            files are at the same step.
+            files at the same step hold different tensors.
     """
     found = [(p, *_position(p)[:2]) for p in paths]
     if keep_order:
-        return found, "given"
+        return found, "given", []
     for column, key in ((1, "ss_steps"), (2, "ss_epoch")):
         if all(f[column] is not None for f in found):
-            ordered = sorted(found, key=lambda f: f[column])
-            for a, b in zip(ordered, ordered[1:]):
-                if a[column] == b[column]:
-                    raise UsageError(f"{a[0].name} and {b[0].name} are both at {key}={a[column]}; "
-                                     "give each saved file once")
-            return ordered, key
+            ordered: list[tuple[Path, int | None, int | None]] = []
+            duplicates: list[Path] = []
+            for f in sorted(found, key=lambda f: (f[column], f[0].name)):
+                if ordered and ordered[-1][column] == f[column]:
+                    if not _same_tensors(ordered[-1][0], f[0]):
+                        raise UsageError(f"{ordered[-1][0].name} and {f[0].name} are both at {key}={f[column]} but "
+                                         "hold different weights; give one file per step")
+                    duplicates.append(f[0])
+                    continue
+                ordered.append(f)
+            return ordered, key, duplicates
     no_steps = next(f[0] for f in found if f[1] is None)
     no_epoch = next(f[0] for f in found if f[2] is None)
     what = (f"{no_steps} has neither ss_steps nor ss_epoch in its metadata" if no_steps == no_epoch else
@@ -219,7 +238,9 @@ def post_hoc_ema(opts: EmaOptions) -> EmaResult:
     files, skipped = _expand(opts.inputs, opts.output)
     if len(files) < 2:
         raise UsageError(f"give at least two saved LoRAs of one run (got {len(files)})")
-    ordered, ordered_by = order_inputs(files, opts.keep_order)
+    ordered, ordered_by, duplicates = order_inputs(files, opts.keep_order)
+    if len(ordered) < 2:
+        raise UsageError(f"give at least two saved LoRAs of one run (got {len(ordered)} distinct)")
     bs = betas(len(ordered), beta=opts.beta, beta2=opts.beta2, sigma_rel=opts.sigma_rel)
     weights = ema_weights(bs)
     inputs = [EmaInput(p, step, epoch, w) for (p, step, epoch), w in zip(ordered, weights)]
@@ -233,4 +254,4 @@ def post_hoc_ema(opts: EmaOptions) -> EmaResult:
         adapters=[WeightedPath(i.path, i.weight) for i in inputs], output=opts.output, dtype=opts.dtype,
         overwrite=opts.overwrite, title=opts.title, recipe=opts.recipe, base=opts.base, device=opts.device,
         metadata_from=len(inputs) - 1, provenance=record))
-    return EmaResult(inputs, ordered_by, schedule, merged, skipped)
+    return EmaResult(inputs, ordered_by, schedule, merged, skipped, duplicates)
