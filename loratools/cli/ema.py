@@ -69,6 +69,7 @@ def ema(
 
     The weights are musubi-tuner's lora_post_hoc_ema.py (--beta, --beta2, --sigma_rel), printed per file. Unlike musubi-tuner, which averages every tensor and so the lora_up and lora_down factors separately, this averages the deltas the files make: the product of averaged factors is not the average of the products, so averaging factors changes what the LoRA does in a way no weight describes. The average is written exactly (ranks add up, as merge --to-lora does); -r shrinks it with a resize recipe. The newest file's metadata is kept.
     """
+    from loratools.cli.merge import recompressed_json
     from loratools.cli.output import out
     from loratools.errors import UsageError
     from loratools.ops.ema import EmaOptions, post_hoc_ema
@@ -88,9 +89,7 @@ def ema(
                   "duplicates": [str(p) for p in result.duplicates], "modules": merged.modules,
                   "max_rank": max(merged.ranks) if merged.ranks else None,
                   "size": merged.file.size if merged.file else None, "warnings": merged.warnings,
-                  "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
-                                    "rank_after": o.rank_after, "size_after": o.size_after,
-                                    "fro_retained": o.fro_retained} for o in resized]})
+                  "recompressed": recompressed_json(resized)})
         return
     for note in merged.warnings:
         out.warn(note)

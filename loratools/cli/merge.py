@@ -302,9 +302,7 @@ def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe,
                   "dropped": result.dropped, "warnings": result.warnings,
                   "size": result.file.size if result.file else None,
                   "sshs_model_hash": result.file.sshs_model_hash if result.file else None,
-                  "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
-                                    "rank_after": o.rank_after, "size_after": o.size_after,
-                                    "fro_retained": o.fro_retained} for o in resized]})
+                  "recompressed": recompressed_json(resized)})
         return
     for note in result.warnings:
         out.warn(note)
@@ -324,6 +322,12 @@ def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe,
     for r in result.inputs:
         out.print(f"{r.path.name} (weight {r.ratio:g}{_blocks_text(r.blocks)}): applied {r.applied}/{r.modules} "
                   "modules")
+
+
+def recompressed_json(outcomes) -> list[dict]:
+    """The ``--json`` rows of a combination re-compressed by a resize recipe (merge --to-lora, ema)."""
+    return [{"recipe": o.recipe, "path": str(o.path), "status": o.status, "rank_after": o.rank_after,
+             "size_after": o.size_after, "fro_retained": o.fro_retained} for o in outcomes]
 
 
 def register(app: typer.Typer) -> None:

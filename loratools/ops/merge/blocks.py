@@ -19,6 +19,7 @@ from pathlib import Path
 
 from loratools.errors import UsageError
 from loratools.keys.blocks import LBW_BLOCK_IDS, LBW_LAYOUTS, LBW_LENGTHS, lbw_slot
+from loratools.ops.merge.ratios import finite_float
 
 try:
     import tomllib
@@ -75,15 +76,7 @@ def looks_like_list(text: str) -> bool:
     if body.startswith("[") and body.endswith("]"):
         return True
     parts = body.split(",")
-    return len(parts) > 1 and all(_number(p) is not None for p in parts)
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+    return len(parts) > 1 and all(finite_float(p) is not None for p in parts)
 
 
 def _parse_list(text: str, origin: str) -> list[float]:

@@ -44,7 +44,8 @@ class WeightedPath:
     blocks: str | None = None
 
 
-def _parse_float(text: str) -> float | None:
+def finite_float(text: str) -> float | None:
+    """``text`` as a finite float, or None."""
     try:
         value = float(text)
     except ValueError:
@@ -67,7 +68,7 @@ def split_weighted(arg: str) -> tuple[str, float | None]:
         return arg, None
     head, sep, tail = arg.rpartition(":")
     if sep and head:
-        value = _parse_float(tail)
+        value = finite_float(tail)
         if value is not None:
             return head, value
         if _looks_numeric(tail):
@@ -109,7 +110,7 @@ def parse_ratio_option(values: Sequence[str] | None) -> list[float]:
     ratios: list[float] = []
     for value in values or ():
         for part in value.split(","):
-            number = _parse_float(part.strip())
+            number = finite_float(part.strip())
             if number is None:
                 raise UsageError(f"--ratio value {part!r} is not a finite number; e.g. --ratio 0.8")
             ratios.append(number)
