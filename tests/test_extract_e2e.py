@@ -193,21 +193,28 @@ def test_sd_scripts_command_line_and_json(sd1, tmp_path):
     assert not any("resnets" in k for k in read_header(tmp_path / "a.safetensors").tensors)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(sd1, tiny_sdxl_ckpt, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(sd1, tiny_sdxl_ckpt, tmp_path, monkeypatch, capsys):
+    from loratools.cli.app import main
+
     base, tuned, _ = sd1
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "loratools", "extract", *map(str, args)], capture_output=True,
-                              text=True)
+        monkeypatch.setattr(sys, "argv", ["loratools", "extract", *map(str, args)])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        return exc.value.code, capsys.readouterr().err
 
     out = tmp_path / "x.safetensors"
-    for args, words in (((tuned, tiny_sdxl_ckpt), "SDXL"), ((base, base), "nothing to extract"),
-                        ((tuned, base, "-r", "rank=2:rank=3"), "one recipe"),
+    for args, words in (((base, base), "nothing to extract"), ((tuned, base, "-r", "rank=2:rank=3"), "one recipe"),
                         ((tuned, tmp_path / "missing.safetensors"), "not found")):
-        r = run(*args, "-o", out)
-        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-        assert words in r.stderr and "Traceback" not in r.stderr
+        code, err = run(*args, "-o", out)
+        assert code == 2 and err.strip().count("\n") == 0 and words in err, err
         assert not out.exists() and not list(tmp_path.glob(".*tmp"))
     out.write_bytes(b"keep")
-    r = run(tuned, base, "-o", out)
-    assert r.returncode == 2 and "--overwrite" in r.stderr and out.read_bytes() == b"keep"
+    code, err = run(tuned, base, "-o", out)
+    assert code == 2 and "--overwrite" in err and out.read_bytes() == b"keep"
+    # a real process: another architecture, one line, exit 2, no traceback
+    r = subprocess.run([sys.executable, "-m", "loratools", "extract", str(tuned), str(tiny_sdxl_ckpt), "-o",
+                        str(tmp_path / "y.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "SDXL" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "y.safetensors").exists()
