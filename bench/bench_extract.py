@@ -184,7 +184,8 @@ def main() -> None:
     for shape, count in sorted(shapes.items(), key=lambda kv: -math.prod(kv[0])):
         row = time_shape(shape, args) | {"count": count}
         rows.append(row)
-        print(f"{'x'.join(map(str, shape)):>16} x{count:<3} dense {row['dense_s']:7.3f} s  exact {row['exact_s']:6.3f} s "
+        label = "x".join(map(str, shape))
+        print(f"{label:>16} x{count:<3} dense {row['dense_s']:7.3f} s  exact {row['exact_s']:6.3f} s "
               f"({row['recipe_rank']:4d} kept, same as dense: {row['same_ranks_as_dense']})  rank {args.rank} "
               f"{row['fixed_s']:6.3f} s {row['fixed_route']:>10} ({100 * row['fixed_energy_vs_optimal']:.2f} % of "
               "optimal energy)", file=sys.stderr)

@@ -51,9 +51,10 @@ def extract(
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", "-r", metavar="RECIPE", help="How many directions of each difference to keep, in resize's "
         "recipe language (default rank=32).", show_default=False)] = None,
-    scope: Annotated[str, typer.Option(
-        "--scope", metavar="SCOPE", help="all: attention, MLP and the ResNet/sampler convs (a LoCon); attn: "
-        "attention and MLP only (sd-scripts without --conv_dim).")] = "all",
+    scope: Annotated[Optional[str], typer.Option(
+        "--scope", metavar="SCOPE", help="all (default): attention, MLP and the ResNet/sampler convs (a LoCon); "
+        "attn: attention and MLP only (the default with sd-scripts' flags and no --conv_dim, as there).",
+        show_default=False)] = None,
     min_diff: Annotated[Optional[float], typer.Option(
         "--min_diff", "--min-diff", metavar="X", help="A text encoder whose largest weight change is not above X "
         "is left out (per encoder; sd-scripts' default 0.01).", show_default=False)] = None,
@@ -122,13 +123,14 @@ def extract(
     if dim is not None or conv_dim is not None or (sd_scripts and recipe is None):
         rank = dim if dim is not None else 4
         recipe = f"rank={rank}" + (f",conv_rank={conv_dim}" if conv_dim is not None else "")
-        scope = "all" if conv_dim is not None else "attn"
+        scope = scope or ("all" if conv_dim is not None else "attn")
         if dim is None:
             out.info("rank 4 for every layer (sd-scripts' --dim default); pass --dim or -r to choose")
     for note in _no_effect(sdxl, v2, load_precision, no_metadata, load_original_model_to, load_tuned_model_to):
         out.warn(note)
-    opts = ExtractOptions(tuned=tuned, base=base, output=output, recipe=recipe or DEFAULT_RECIPE, scope=scope,
-                          min_diff=MIN_DIFF if min_diff is None else min_diff, clamp_quantile=clamp_quantile,
+    opts = ExtractOptions(tuned=tuned, base=base, output=output, recipe=recipe or DEFAULT_RECIPE,
+                          scope=scope or "all", min_diff=MIN_DIFF if min_diff is None else min_diff,
+                          clamp_quantile=clamp_quantile,
                           dtype=dtype, device=device, exact=exact, overwrite=overwrite, title=title,
                           v_parameterization=True if v_parameterization else None)
     with out.progress(disable=json_out) as bar:

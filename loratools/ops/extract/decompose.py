@@ -95,7 +95,8 @@ def gram_triplets(D: torch.Tensor, gram: Gram, idx: list[int]) -> tuple[torch.Te
 
 
 def randomized_svd(D: torch.Tensor, k: int, *, seed: int = 0, oversample: int = OVERSAMPLE,
-                   power_iterations: int = POWER_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Spectrum]:
+                   power_iterations: int = POWER_ITERATIONS
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Spectrum]:
     """Top ``k`` singular triplets of ``D`` by a seeded randomized range finder with power
     iterations (QR after each product for stability); float32 in, float32 out.
 

@@ -271,11 +271,13 @@ class _Extractor:
         stored = _storage_error(up, down, up_s.double(), down_s.double())
         for name, t in (("lora_up", up_s), ("lora_down", down_s)):
             if not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"{pair.name}.{name}: a factor overflows {str(self.dtype).removeprefix('torch.')}; "
-                                     "write with --save_precision bf16 or fp32")
+                dtype = str(self.dtype).removeprefix("torch.")
+                raise NonFiniteError(f"{pair.name}.{name}: a factor overflows {dtype}; write with --save_precision "
+                                     "bf16 or fp32")
         up_s = up_s.reshape((shape[0], k, 1, 1) if len(shape) == 4 else (shape[0], k))
         down_s = down_s.reshape((k, *shape[1:]))
-        tensors = {f"{pair.name}.lora_down.weight": down_s.contiguous(), f"{pair.name}.lora_up.weight": up_s.contiguous(),
+        tensors = {f"{pair.name}.lora_down.weight": down_s.contiguous(),
+                   f"{pair.name}.lora_up.weight": up_s.contiguous(),
                    f"{pair.name}.alpha": torch.tensor(float(k), dtype=torch.float32)}
         return tensors, kept, stored
 
