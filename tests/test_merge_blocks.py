@@ -173,3 +173,17 @@ def test_cli_inline_preset_equals_lbws_and_refuses_bad_lists(sd1, tmp_path):
     r = invoke("merge", base, locon.path, "--lbws", "[1,1]", "-o", tmp_path / "c.safetensors")
     assert isinstance(r.exception, UsageError) and "block weights do not fit SD1" in str(r.exception)
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_to_lora_block_weights_need_an_architecture(sd1, tmp_path):
+    """A tiny LoRA without metadata tells no architecture: block weights then need --base."""
+    from loratools.io import save_tensors
+
+    base, locon = sd1
+    bare = save_tensors(tmp_path / "bare.safetensors", dict(open_safetensors(locon.path))).path
+    with pytest.raises(UsageError, match="--base"):
+        merge_loras(LoraMergeOptions([WeightedPath(bare, 1.0, "OUTD")], tmp_path / "a.safetensors"))
+    merge_loras(LoraMergeOptions([WeightedPath(bare, 1.0, "OUTD")], tmp_path / "b.safetensors", base=base))
+    merge_loras(LoraMergeOptions([WeightedPath(locon.path, 1.0, "OUTD")], tmp_path / "c.safetensors", base=base))
+    b, c = open_safetensors(tmp_path / "b.safetensors"), open_safetensors(tmp_path / "c.safetensors")
+    assert set(b) == set(c) and all(torch.equal(b[k], c[k]) for k in b)

@@ -309,6 +309,11 @@ def _blocks(opts: LoraMergeOptions, arch: str) -> list[BlockWeights | None]:
 
     if not any(wp.blocks for wp in opts.adapters):
         return [None] * len(opts.adapters)
+    if arch == "unknown" and opts.base is not None:
+        from loratools.io import open_model
+        from loratools.keys.arch import detect_checkpoint_arch
+
+        arch = detect_checkpoint_arch(open_model(opts.base)).arch
     if arch == "unknown":
         raise UsageError("block weights need the adapters' architecture, which their files do not tell; "
                          "pass --base with the model they were made for")
