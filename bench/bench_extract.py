@@ -173,10 +173,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32, help="the fixed rank (sd-scripts' --dim)")
     ap.add_argument("--recipe", default="sv_fro=0.9", help="a recipe for the exact route")
     ap.add_argument("--full", action="store_true", help="also run a whole streaming extract (peak memory)")
+    ap.add_argument("--full-only", action="store_true", help="only the streaming extract")
     ap.add_argument("--child", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(*args.child, args.recipe)
+        return
+    if args.full_only:
+        f = full_run(args)
+        print(json.dumps(f | {"load_average": os.getloadavg()}, indent=2))
         return
 
     shapes = layer_shapes(args.model)

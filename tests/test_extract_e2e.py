@@ -218,3 +218,16 @@ def test_bad_input_is_one_line_and_writes_nothing(sd1, tiny_sdxl_ckpt, tmp_path,
                         str(tmp_path / "y.safetensors")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "SDXL" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "y.safetensors").exists()
+
+
+def test_clamp_quantile_reports_what_it_costs(sd1, tmp_path):
+    """sd-scripts' clamp is lossy: the kept share reported is the file's own, measured against D."""
+    base, tuned, truth = sd1
+    out = tmp_path / "c.safetensors"
+    result = extract(ExtractOptions(tuned, base, out, recipe="rank=4", dtype="fp32", clamp_quantile=0.9))
+    got = _deltas(out)
+    for r in result.layers:
+        d = truth.targets[r.name].delta.reshape(r.shape[0], -1).double()
+        err = float((got[r.name].reshape(d.shape).double() - d).norm())
+        assert r.kept == pytest.approx((1 - (err / float(d.norm())) ** 2) ** 0.5, abs=1e-4), r.name
+    assert min(r.kept for r in result.layers) < 0.99  # the clamp cut something off

@@ -30,7 +30,12 @@ def spectrum_matrix(out: int, n: int, decay: float, seed: int, rank: int | None 
 
 
 @pytest.mark.parametrize(("out", "n"), [(48, 48), (40, 96), (96, 40), (64, 576)])
-def test_gram_route_is_the_dense_svd(out, n):
+@pytest.mark.parametrize("chunk", [1 << 22, 100])
+def test_gram_route_is_the_dense_svd(out, n, chunk, monkeypatch):
+    """Also built from slices of D a few rows or columns wide (a large layer's float64 chunks)."""
+    from loratools.ops.extract import decompose
+
+    monkeypatch.setattr(decompose, "CHUNK", chunk)
     D = spectrum_matrix(out, n, 0.7, seed=out + n)
     dense = torch.linalg.svdvals(D.double())
     g = gram_svd(D)

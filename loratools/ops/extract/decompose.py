@@ -31,6 +31,17 @@ OVERSAMPLE = 16
 POWER_ITERATIONS = 4
 
 
+#: float64 elements converted at a time (32 MiB): the Gram matrix and the singular vectors are built
+#: from slices of ``D``, so a layer never has a float64 copy of its whole difference.
+CHUNK = 1 << 22
+
+
+def slices(total: int, width: int) -> list[slice]:
+    """Slices of ``total`` rows (or columns) of ``width`` elements each, ``CHUNK`` elements at a time."""
+    step = max(1, CHUNK // max(width, 1))
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
 class Spectrum(NamedTuple):
     """The decomposition of one ``D``: ``S`` descending (every singular value when ``full``, else
     the top ``len(S)``); ``fro = ||D||_F`` (exact, whatever the route)."""
@@ -56,7 +67,28 @@ def as_matrix(delta: torch.Tensor) -> torch.Tensor:
 
 
 def frobenius(D: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(D, dtype=torch.float64))
+    """``||D||_F`` in float64, over slices of rows (a mapped fp16 weight is never copied whole)."""
+    out, n = D.shape
+    total = 0.0
+    for rows in slices(out, n):
+        total += float(torch.linalg.vector_norm(D[rows], dtype=torch.float64)) ** 2
+    return total ** 0.5
+
+
+def _gram(D: torch.Tensor, left: bool) -> torch.Tensor:
+    """``D D^T`` (``left``) or ``D^T D`` in float64, accumulated over slices of ``D``."""
+    out, n = D.shape
+    side = out if left else n
+    gram = torch.zeros(side, side, dtype=torch.float64, device=D.device)
+    if left:
+        for cols in slices(n, out):
+            c = D[:, cols].double()
+            gram.addmm_(c, c.T)
+    else:
+        for rows in slices(out, n):
+            r = D[rows].double()
+            gram.addmm_(r.T, r)
+    return gram
 
 
 def gram_svd(D: torch.Tensor, *, vectors: bool = True) -> Gram | Spectrum:
@@ -67,9 +99,8 @@ def gram_svd(D: torch.Tensor, *, vectors: bool = True) -> Gram | Spectrum:
         >>> gram_svd(torch.diag(torch.tensor([3.0, 4.0])), vectors=False).S
         tensor([4., 3.], dtype=torch.float64)
     """
-    d = D.double()
-    left = d.shape[0] <= d.shape[1]
-    gram = d @ d.T if left else d.T @ d
+    left = D.shape[0] <= D.shape[1]
+    gram = _gram(D, left)
     fro = frobenius(D)
     if not vectors:
         lam = torch.linalg.eigvalsh(gram).flip(0)
@@ -81,15 +112,21 @@ def gram_svd(D: torch.Tensor, *, vectors: bool = True) -> Gram | Spectrum:
 
 def gram_triplets(D: torch.Tensor, gram: Gram, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U [out, k], S [k], Vh [k, n])`` of the chosen directions (float64), from ``gram_svd``."""
-    d = D.double()
+    out, n = D.shape
     S = gram.spectrum.S[idx]
     safe = torch.where(S > 0, S, torch.ones_like(S))
     if gram.left:
         U = gram.evecs[:, idx]
-        Vh = (U.T @ d) / safe[:, None]
+        Vh = torch.empty(len(idx), n, dtype=torch.float64, device=D.device)
+        for cols in slices(n, out):
+            Vh[:, cols] = U.T @ D[:, cols].double()
+        Vh /= safe[:, None]
     else:
         V = gram.evecs[:, idx]
-        U = (d @ V) / safe
+        U = torch.empty(out, len(idx), dtype=torch.float64, device=D.device)
+        for rows in slices(out, n):
+            U[rows] = D[rows].double() @ V
+        U /= safe
         Vh = V.T
     return U, S, Vh
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,10 +176,15 @@ class _Extractor:
                  dtype: torch.dtype) -> None:
         self.opts, self.recipe, self.tuned, self.base, self.dtype = opts, recipe, tuned, base, dtype
 
-    def read(self, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
-        from loratools.ops.extract.pairs import read_difference
+    @contextmanager
+    def read(self, pair: Pair) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(D, W)`` of one pair (``pairs.read_difference``); both weights' pages dropped after."""
+        from loratools.ops.extract.pairs import read_difference, release
 
-        return read_difference(self.tuned, self.base, pair)
+        try:
+            yield read_difference(self.tuned, self.base, pair)
+        finally:
+            release(self.tuned, self.base, pair)
 
     def _base_refs(self, W: torch.Tensor, base_norm: float, U=None, Vh=None):
         from loratools.linalg.norms import spectral_norm
@@ -191,10 +197,13 @@ class _Extractor:
 
     def spectrum(self, pair: Pair) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
         """``size=`` pass 1: ``(S, scores, ||D||, ||W||)`` of one layer (values only unless subspace)."""
+        with self.read(pair) as (D, W):
+            return self._spectrum(pair, D, W)
+
+    def _spectrum(self, pair: Pair, D: torch.Tensor, W: torch.Tensor):
         from loratools.ops.extract.decompose import frobenius, gram_svd, gram_triplets
         from loratools.ops.extract.select import needs, scores
 
-        D, W = self.read(pair)
         dn, wn = frobenius(D), frobenius(W)
         if dn == 0.0:
             return D.new_zeros(0), None, 0.0, wn
@@ -211,10 +220,14 @@ class _Extractor:
               ) -> tuple[LayerReport | None, dict[str, torch.Tensor] | None]:
         """Decompose one pair and build its factors; ``(None, None)`` when the weights are equal.
         ``keep``: the directions chosen already (``size=``'s first pass), else the recipe chooses."""
+        with self.read(pair) as (D, W):
+            return self._layer(pair, D, W, keep)
+
+    def _layer(self, pair: Pair, D: torch.Tensor, W: torch.Tensor, keep: list[int] | None
+               ) -> tuple[LayerReport | None, dict[str, torch.Tensor] | None]:
         from loratools.ops.extract.decompose import frobenius, gram_svd, gram_triplets, randomized_svd
         from loratools.ops.extract.select import choose, fixed_rank, layer_shape, needs, scores, use_randomized
 
-        D, W = self.read(pair)
         dn, wn = frobenius(D), frobenius(W)
         if dn == 0.0:
             return None, None
@@ -262,8 +275,7 @@ class _Extractor:
         up, down = balanced_factors(U.double().cpu(), S.double().cpu() * self.recipe.rescale, Vh.double().cpu())
         if self.opts.clamp_quantile is not None:
             up, down = _clamp(up, down, self.opts.clamp_quantile)
-            err = float(torch.linalg.vector_norm(D.double() - self.recipe.rescale ** -1 * (up @ down)))
-            kept = math.sqrt(max(0.0, 1.0 - (err / dn) ** 2))
+            kept = math.sqrt(max(0.0, 1.0 - (_residual(D, up / self.recipe.rescale, down) / dn) ** 2))
         k = up.shape[1]
         shape = pair.shape
         up_s = up.to(self.dtype)
@@ -295,6 +307,16 @@ def _clamp(up: torch.Tensor, down: torch.Tensor, q: float) -> tuple[torch.Tensor
     return up.clamp(-bound, bound), down.clamp(-bound, bound)
 
 
+def _residual(D: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """``||D - up @ down||_F`` over slices of rows (no out x n float64 product at once)."""
+    from loratools.ops.extract.decompose import slices
+
+    total = 0.0
+    for rows in slices(D.shape[0], D.shape[1]):
+        total += float((D[rows].double() - up[rows] @ down).square().sum())
+    return math.sqrt(total)
+
+
 def _storage_error(up, down, up_s, down_s) -> float:
     """``||A B - A' B'||_F / ||A B||_F`` from k x k Gram matrices (the out x n product is never formed)."""
     def inner(a, b, c, d):  # <A B, C D>_F = trace((A^T C)(D B^T))
@@ -317,8 +339,8 @@ def _check_encoders(ex: _Extractor, pairs: list[Pair], min_diff: float, progress
         largest = 0.0
         mine = [p for p in te if p.label == label]
         for p in mine:
-            D, _ = ex.read(p)
-            largest = max(largest, float(D.abs().max()))
+            with ex.read(p) as (D, _):
+                largest = max(largest, float(D.abs().max()))
             done += 1
             if progress:
                 progress("comparing text encoders", done, len(te))
@@ -348,6 +370,7 @@ def extract(opts: ExtractOptions, progress: Progress | None = None) -> ExtractRe
     from loratools.ops.extract.pairs import pair_models
 
     t0 = time.perf_counter()
+    _return_freed_memory()
     recipe = _recipe(opts.recipe)
     if opts.scope not in SCOPES:
         raise UsageError(f"--scope {opts.scope!r}: use all (attention, MLP and convs: a LoCon) or attn")
@@ -401,6 +424,15 @@ def extract(opts: ExtractOptions, progress: Progress | None = None) -> ExtractRe
     result.warnings = _warnings(result, opts, dtype)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _return_freed_memory() -> None:
+    """The resize engine's glibc setting: allocations of 1 MiB and more come from mmap, so each
+    layer's freed buffers go back to the OS instead of fragmenting the heap (issue 12 moves it to
+    ``resize.runtime``; this adapter is the one line to change)."""
+    from loratools.ops.resize.engine import _return_freed_memory as resize_setting
+
+    resize_setting()
 
 
 def _check_device(device: str) -> None:

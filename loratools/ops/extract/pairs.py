@@ -94,9 +94,8 @@ def pair_models(tuned: ModelSource, base: ModelSource, scope: str) -> Pairing:
     return Pairing(pairs, base_index.arch.arch, prediction, missing)
 
 
-def _read(model: ModelSource, target: Target) -> torch.Tensor:
-    from loratools.io.checkpoint import release_pages
-
+def _view(model: ModelSource, target: Target) -> torch.Tensor:
+    """The mapped weight (its rows for a fused q/k/v), ``[out, n]``: no data is copied."""
     sd = model.components[target.component]
     try:
         w = sd[target.key]
@@ -104,15 +103,23 @@ def _read(model: ModelSource, target: Target) -> torch.Tensor:
         raise InvalidFileError(f"{target.key} is listed but cannot be read", path=model.path) from None
     if target.rows is not None:
         w = w[target.rows[0]:target.rows[1]]
-    import torch
-
-    out = w.to(torch.float32, copy=True).reshape(w.shape[0], -1)
-    release_pages(sd, target.key)
-    return out
+    return w.reshape(w.shape[0], -1)
 
 
 def read_difference(tuned: ModelSource, base: ModelSource, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D, W)``: the float32 difference ``tuned - base`` and the base weight, both ``[out, n]``."""
-    W = _read(base, pair.base)
-    T = _read(tuned, pair.tuned)
-    return T.sub_(W), W
+    """``(D, W)``: the float32 difference ``tuned - base`` ``[out, n]`` (the one copy made) and the
+    base weight as mapped (its own dtype, read again only by scores that need it). Call
+    ``release`` once the layer is done."""
+    import torch
+
+    W = _view(base, pair.base)
+    D = _view(tuned, pair.tuned).to(torch.float32, copy=True)
+    return D.sub_(W), W
+
+
+def release(tuned: ModelSource, base: ModelSource, pair: Pair) -> None:
+    """Drop both weights' pages from the process (``io.release_pages``)."""
+    from loratools.io.checkpoint import release_pages
+
+    release_pages(base.components[pair.base.component], pair.base.key)
+    release_pages(tuned.components[pair.tuned.component], pair.tuned.key)
