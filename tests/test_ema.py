@@ -169,3 +169,13 @@ def test_a_runs_last_step_saved_twice_counts_once(run, tmp_path):
     save_tensors(tmp_path / "clash.safetensors", other.tensors, dict(other.metadata, ss_steps="300"))
     with pytest.raises(UsageError, match="both at ss_steps=300 but hold different weights"):
         post_hoc_ema(EmaOptions([tmp_path], tmp_path / "out" / "f.safetensors", beta=0.7))
+
+
+def test_loha_runs_are_refused_before_any_work(tiny_sd1, tmp_path):
+    paths = []
+    for i in range(2):
+        a = make_lora(tiny_sd1, "sd1", "loha", rank=2, seed=i, dtype=torch.float32)
+        paths.append(save_tensors(tmp_path / f"h{i}.safetensors", a.tensors, dict(a.metadata, ss_steps=str(i))).path)
+    with pytest.raises(UsageError, match="LOHA modules") as err:
+        post_hoc_ema(EmaOptions(paths, tmp_path / "o.safetensors"))
+    assert "h0.safetensors" in str(err.value) and not (tmp_path / "o.safetensors").exists()

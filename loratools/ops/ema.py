@@ -221,6 +221,24 @@ def _expand(inputs: Sequence[str | Path], output: Path) -> tuple[list[Path], lis
     return kept, skipped
 
 
+def _refuse_products(files: Sequence[Path]) -> None:
+    """LoHa/LoKr deltas are products of their factors (DoRA's depends on the base weight): a weighted
+    sum of several has no exact form in one such module (and averaging their factors is the error
+    this command avoids), so they are refused before anything is read (headers only)."""
+    from loratools.adapters import describe_header
+    from loratools.io import read_header
+
+    for path in files:
+        header = read_header(path)
+        modules = describe_header(header.tensors, header.metadata).modules.values()
+        kinds = {"dora" if m.dora else m.kind for m in modules}
+        odd = sorted(kinds - {"lora", "full", "norm"})
+        if odd:
+            raise UsageError(f"holds {'/'.join(k.upper() for k in odd)} modules: their deltas are not linear in "
+                             "the factors, and an average of several has no exact form in one such module; ema "
+                             "averages LoRA/LoCon (and full) files", path=path)
+
+
 def post_hoc_ema(opts: EmaOptions) -> EmaResult:
     """Average a run's saved LoRAs with an EMA schedule and write the result exactly (see the module).
 
@@ -236,6 +254,7 @@ def post_hoc_ema(opts: EmaOptions) -> EmaResult:
     if opts.sigma_rel is not None and (opts.beta is not None or opts.beta2 is not None):
         raise UsageError("--sigma_rel and --beta/--beta2 both choose the schedule; keep one")
     files, skipped = _expand(opts.inputs, opts.output)
+    _refuse_products(files)
     if len(files) < 2:
         raise UsageError(f"give at least two saved LoRAs of one run (got {len(files)})")
     ordered, ordered_by, duplicates = order_inputs(files, opts.keep_order)
