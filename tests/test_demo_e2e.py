@@ -30,7 +30,7 @@ def test_demo_writes_every_artifact(demo_run):
     out, report, stderr = demo_run
     assert (out / MARKER).exists()
     assert json.loads((out / "report.json").read_text()) == report
-    for step in ("[1/7]", "[7/7]"):
+    for step in ("[1/10]", "[10/10]"):
         assert step in stderr
 
     base = report["base"]
@@ -70,7 +70,7 @@ def test_demo_trains_and_samples(demo_run):
     dry = json.loads(proc.stdout)
     assert dry["config"]["max_train_steps"] == 8 and dry["config"]["network_module"] == "lycoris.kohya"
     assert dry["config"]["network_args"] == ["algo=locon", "preset=full", "conv_dim=4", "conv_alpha=2"]
-    assert dry["outputs"] == [train["lora"]]
+    assert dry["outputs"] == train["saved"] and train["saved"][-1] == train["lora"]  # every third of the steps
 
 
 def test_demo_resizes_to_smaller_files(demo_run):
@@ -116,6 +116,20 @@ def test_demo_checks_merges_and_reads_metadata(demo_run):
     assert meta["datasets"] == [{"folder": "5_tinychar", "images": 4, "repeats": 5, "regularization": False}]
 
 
+def test_demo_block_merge_extract_and_ema(demo_run):
+    _, report, _ = demo_run
+    blocks = report["blocks"]
+    assert 0 < blocks["zeroed"] < blocks["applied"] == report["merge"]["modules"]
+    assert shlex.split(blocks["command"])[3].endswith("tinychar-locon.safetensors:0.8:OUTALL")
+    ex = report["extract"]
+    # the merged checkpoint minus the base is 0.8 x the LoCon: extracting at its ranks gives it back
+    assert ex["kept"] > 0.9999 and ex["deviation"] < 0.01 and ex["compared"] == ex["layers"] > 0
+    assert read_header(ex["path"]).metadata["ss_network_module"] == "networks.lora"
+    ema = report["ema"]
+    assert ema["steps"] == [2, 4, 6, 8] and sum(ema["weights"]) == pytest.approx(1.0) and ema["weights"][0] == 0.0
+    assert shlex.split(ema["command"])[:3] == ["loratools", "ema", "out dir/train"]
+
+
 def test_demo_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     proc = subprocess.run([sys.executable, "-m", "loratools", "demo", "--quick", "-o", str(tmp_path)],
@@ -130,8 +144,8 @@ def test_demo_sd1(tmp_path, monkeypatch):
     from loratools.ops.demo import DemoOptions, run_demo
 
     lines: list[str] = []
-    r = run_demo(DemoOptions(tmp_path / "sd1", arch="sd1", steps=1, quick=True), progress=lines.append)
-    assert len(lines) == 7 and r.metadata.architecture == "SD1" and r.train.steps == 1
+    r = run_demo(DemoOptions(tmp_path / "sd1", arch="sd1", steps=2, quick=True), progress=lines.append)
+    assert len(lines) == 10 and r.metadata.architecture == "SD1" and r.train.steps == 2
     assert any(k.startswith("lora_te_") for k in read_header(r.train.lora).tensors)
     assert all(x.bytes_after < r.train.bytes for x in r.resized)
     assert r.merge.applied == r.merge.modules and r.merge.verified is True

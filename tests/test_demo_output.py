@@ -49,7 +49,7 @@ def test_options_are_validated():
     with pytest.raises(UsageError, match="sdxl"):
         DemoOptions(Path("x"), arch="flux")
     with pytest.raises(UsageError, match="--steps"):
-        DemoOptions(Path("x"), steps=0)
+        DemoOptions(Path("x"), steps=1)
     assert DemoOptions(quick=True).settings.steps < DemoOptions().settings.steps
     assert DemoOptions(steps=30).settings.steps == 30
-    assert set(ENTRIES) >= {"base", "dataset", "train", "resized", "merged", MARKER}
+    assert set(ENTRIES) >= {"base", "dataset", "train", "resized", "merged", "extracted", "ema", MARKER}

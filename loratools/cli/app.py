@@ -22,12 +22,12 @@ import traceback
 import typer
 
 from loratools import __version__, interrupts
-from loratools.cli import check, convert, merge, metadata, resize, train, demo
+from loratools.cli import check, convert, demo, ema, extract, merge, metadata, resize, train
 from loratools.errors import Interrupted, LoratoolsError
 
 app = typer.Typer(
     name="loratools",
-    help="Train, resize, merge, check and inspect Stable Diffusion LoRA/LyCORIS adapters "
+    help="Train, resize, merge, extract, check and inspect Stable Diffusion LoRA/LyCORIS adapters "
     "(SD1.x, SD2, SDXL/Pony). LoRA/LoCon files it writes load in ComfyUI, A1111 and diffusers (LoHa/LoKr: "
     "ComfyUI and A1111; convert --to peft: diffusers); `check keys --loader all` shows what each loads.",
     no_args_is_help=True,
@@ -61,6 +61,8 @@ app.add_typer(metadata.app, name="metadata")
 app.add_typer(check.app, name="check")
 resize.register(app)
 merge.register(app)
+extract.register(app)
+ema.register(app)
 convert.register(app)
 train.register(app)
 demo.register(app)

@@ -23,7 +23,8 @@ HELP = (
     "Run the whole LoRA workflow on a built-in tiny model: no download, no GPU, under a minute.\n\n"
     "Builds a tiny SDXL-like base model (a single-file checkpoint and a diffusers folder), writes a captioned "
     "dataset in N_concept folders, trains a LoCon with sample images, resizes it with fro_ckpt=1,thr=-3.55 and "
-    "with sv_fro=0.9, checks its weights, merges it into the base and reads its metadata. Then it prints where "
+    "with sv_fro=0.9, checks its weights, merges it into the base (also with block weights), extracts it back "
+    "from the merged checkpoint, averages the run's saves by post-hoc EMA and reads its metadata. Then it prints where "
     "every file is, what each step produced, and the loratools command that does each step on your own files.\n\n"
     "Examples:\n\n"
     "  loratools demo\n\n"
@@ -42,7 +43,7 @@ def demo(
         "demo did not write is refused unless --overwrite.")] = Path("demo-output"),
     arch: Annotated[str, typer.Option("--arch", help="Tiny base model: sdxl (as Pony/SDXL) or sd1.")] = "sdxl",
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", min=1, help="Training steps (default 120; 8 with --quick).", show_default=False)] = None,
+        "--steps", min=2, help="Training steps (default 120; 8 with --quick).", show_default=False)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Smaller settings: fewer images, steps and "
                                         "sampling steps (a smoke test).")] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -87,6 +88,10 @@ def _render(r: DemoResult) -> None:
         ("merge", "merged checkpoint", _rel(r.merge.path, root)),
         ("merge", "preview: base / merged", f"{_rel(r.merge.preview_base, root)} / "
                                             f"{_rel(r.merge.preview_merged, root)}"),
+        ("blocks", f"merged with {r.blocks.preset} block weights", _rel(r.blocks.path, root)),
+        ("blocks", "preview", _rel(r.blocks.preview, root)),
+        ("extract", "LoCon extracted from the merged checkpoint", _rel(r.extract.path, root)),
+        ("ema", "post-hoc EMA of the run's saves", _rel(r.ema.path, root)),
         ("all", "this report as JSON", "report.json"),
     ]
     for message in r.train.warnings:
@@ -115,6 +120,14 @@ def _render(r: DemoResult) -> None:
                   f"{r.merge.patched_keys} weights changed, {r.merge.copied_keys} copied, verify "
                   f"{'ok' if r.merge.verified else 'FAILED' if r.merge.verified is False else 'skipped'}; "
                   f"preview pixels changed by {100 * r.merge.preview_change:.2f} % on average"),
+        ("blocks", f"{r.blocks.preset}: {r.blocks.applied - r.blocks.zeroed}/{r.blocks.applied} modules applied, "
+                   f"{r.blocks.zeroed} at block weight 0 (their weights unchanged); preview pixels changed by "
+                   f"{100 * r.blocks.preview_change:.2f} %"),
+        ("extract", f"{r.extract.recipe}: {r.extract.layers} layers, ranks {r.extract.ranks[0]}-{r.extract.ranks[1]}, "
+                    f"{hb(r.extract.bytes)}, {100 * r.extract.kept:.1f} % of the difference kept; equals "
+                    f"{r.merge.ratio:g} x the trained LoCon to {100 * r.extract.deviation:.2f} %"),
+        ("ema", f"--sigma_rel {r.ema.sigma_rel:g} over steps {', '.join(map(str, r.ema.steps))}: weights "
+                f"{', '.join(f'{w:.2f}' for w in r.ema.weights)}, rank up to {r.ema.max_rank}, {hb(r.ema.bytes)}"),
         ("metadata", f"{r.metadata.architecture} LoRA, dim {lo} / alpha {hi} ({ranks}), base "
                      f"{r.metadata.base_model.get('name', '?')}; trigger words: {triggers}"),
     ]
@@ -126,7 +139,8 @@ def _render(r: DemoResult) -> None:
     out.show(out.table("What each step produced", ["step", "result", "s"], rows, justify_right=["s"], wrap=("result",)))
 
     commands = [("train", r.train.command), ("resize", r.resize_command), ("check", r.check_command),
-                ("merge", r.merge.command), ("metadata", r.metadata.command)]
+                ("merge", r.merge.command), ("blocks", r.blocks.command), ("extract", r.extract.command),
+                ("ema", r.ema.command), ("metadata", r.metadata.command)]
     out.show(out.table("Each step on your own files", ["step", "command"], commands, wrap=("command",)))
     out.print(f"done in {r.seconds:.0f} s. The tiny models have random weights, so their images are noise patterns; "
               "what to look at is how each step's files and numbers change. To run the same steps on a real model, "

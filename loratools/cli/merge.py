@@ -34,6 +34,16 @@ loratools merge --to-lora style.safetensors:0.6 detail.safetensors:0.4 \\
 loratools merge --to-lora a.safetensors b.safetensors \\
     -r fro_ckpt=1,thr=-3.55 --base sdxl.safetensors -o ab.safetensors
 
+Block weights (LORA:RATIO:PRESET, presets in recipes/lbw/; or a list of 17/26
+weights for SD1/SD2, 12/20/26 for SDXL, BASE = the text encoders first):
+
+\b
+loratools merge sd15.safetensors style.safetensors:0.8:OUTD -o out.safetensors
+loratools merge sd15.safetensors style.safetensors:0.8:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0 \\
+    --te-scale 0.5 -o out.safetensors
+loratools merge --to-lora style.safetensors:1:OUTALL char.safetensors:0.6:INALL \\
+    -o style-out-char-in.safetensors
+
 sd-scripts' command lines work as they are (merge_lora.py, sdxl_merge_lora.py, svd_merge_lora.py):
 
 \b
@@ -44,6 +54,8 @@ loratools merge --models a.safetensors b.safetensors --ratios 0.7 0.3 \\
     --concat --save_to ab.safetensors
 loratools merge --models a.safetensors b.safetensors --ratios 0.7 0.3 \\
     --new_rank 32 --save_to ab.safetensors --device cuda
+loratools merge --sd_model sdxl.safetensors --models a.safetensors b.safetensors \\
+    --lbws "[1,0,0,0,0,1,1,1,1,1,1,1]" "[1,1,1,1,1,1,0,0,0,0,0,0]" --save_to out.safetensors
 """
 
 
@@ -54,9 +66,10 @@ class _MergeCommand(ListOptionsCommand):
 def merge(
     inputs: Annotated[Optional[list[str]], typer.Argument(
         metavar="PATH[:RATIO]",
-        help="BASE then LORA[:RATIO]... (with --to-lora: LORA[:WEIGHT]... only). BASE is a .safetensors/"
-             ".ckpt checkpoint or a diffusers folder. A path that exists is never split, so Windows drive "
-             "letters and commas in names are safe.", show_default=False)] = None,
+        help="BASE then LORA[:RATIO[:BLOCKS]]... (with --to-lora: LORA[:WEIGHT[:BLOCKS]]... only). BASE is a "
+             ".safetensors/.ckpt checkpoint or a diffusers folder. BLOCKS is a block-weight preset (OUTD, INALL, "
+             "...) or a list of weights. A path that exists is never split, so Windows drive letters and commas in "
+             "names are safe.", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", "--save_to", "--save-to", metavar="PATH",
         help="Output .safetensors file (a folder for a diffusers base).", show_default=False)] = None,
@@ -97,7 +110,7 @@ def merge(
                                                  "(default: output file stem).")] = None,
     te_scale: Annotated[float, typer.Option(
         "--te-scale", metavar="X", help="Multiply every ratio by this for text-encoder modules (A1111/ComfyUI's "
-        "separate TE strength); 0 merges the UNet part only.")] = 1.0,
+        "separate TE strength; with block weights it multiplies BASE too); 0 merges the UNet part only.")] = 1.0,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", "-r", metavar="RECIPE", help="With --to-lora: re-compress the exact combination with a "
         "resize recipe (e.g. fro_lora=1,size=64 or sv_fro=0.9); several recipes with ':' need an output "
@@ -114,7 +127,11 @@ def merge(
     shuffle: Annotated[bool, typer.Option(
         "--shuffle", help="sd-scripts: permute the rank dimensions of the result; every delta stays the "
         "same, so this changes nothing.")] = False,
-    lbws: Annotated[Optional[list[str]], typer.Option("--lbws", hidden=True)] = None,
+    lbws: Annotated[Optional[list[str]], typer.Option(
+        "--lbws", metavar="WEIGHTS", help="sd-scripts: block weights for the first adapters, one list each "
+        "(--lbws \"[1,0,...]\" \"[...]\", every value up to the next option): 17 or 26 weights for SD1/SD2, 12, "
+        "20 or 26 for SDXL, BASE (the text encoders) first; a preset name works too. Blocks a shorter list does "
+        "not name keep weight 1.", show_default=False)] = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -129,9 +146,6 @@ def merge(
     from loratools.ops.merge import resolve_inputs
 
     positional = list(inputs or [])
-    if lbws:
-        raise UsageError("--lbws (per-block weights) is not supported; merge with one ratio per LoRA "
-                         "(--ratios), or --te-scale for the text-encoder part")
     if output is None:
         raise UsageError("give the output with -o PATH (sd-scripts: --save_to)")
     svd = new_rank is not None or new_conv_rank is not None
@@ -160,19 +174,17 @@ def merge(
     if to_lora:
         if verify:
             raise UsageError("--verify checks a merged checkpoint; it does not apply to --to-lora")
-        if te_scale != 1.0:
-            raise UsageError("--te-scale applies to merges into a checkpoint; scale the inputs with :WEIGHT instead")
         if not positional:
             raise UsageError("give the LoRA files to combine (or --models a.safetensors b.safetensors)")
-        _to_lora(resolve_inputs(positional, ratio), output, dtype, allow_unmatched, overwrite, title, recipe,
-                 base_model, device or "cpu", json_out)
+        _to_lora(resolve_inputs(positional, ratio, lbws), output, dtype, allow_unmatched, overwrite, title, recipe,
+                 base_model, device or "cpu", te_scale, json_out)
         return
     if recipe is not None or base_model is not None:
         raise UsageError("-r/--base re-compress a LoRA+LoRA merge; add --to-lora, or drop them")
     if len(positional) < 2:
         raise UsageError("give BASE and at least one LORA (or --to-lora with adapters only)")
     base, *adapters = positional
-    _checkpoint(Path(base), resolve_inputs(adapters, ratio), output, dtype, allow_unmatched, overwrite,
+    _checkpoint(Path(base), resolve_inputs(adapters, ratio, lbws), output, dtype, allow_unmatched, overwrite,
                 verify, title, te_scale, json_out)
 
 
@@ -227,7 +239,9 @@ def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verif
             "files": [{"path": str(f.path), "size": f.size, "sha256": f.sha256, "autov2": f.autov2}
                       for f in result.files],
             "adapters": [{"path": str(a.path), "ratio": a.ratio, "applied": a.applied, "modules": a.modules,
-                          "unmatched": a.unmatched, "sha256": a.sha256, "autov2": a.autov2} for a in result.adapters],
+                          "zeroed": a.zeroed, "unmatched": a.unmatched, "sha256": a.sha256, "autov2": a.autov2,
+                          "blocks": None if a.blocks is None else a.blocks.as_json(), "blocks_unnamed": a.unnamed}
+                         for a in result.adapters],
             "verify": None if result.verify is None else [vars(r) for r in result.verify],
             "verified": verified, "warnings": result.warnings})
     else:
@@ -248,21 +262,37 @@ def _checkpoint(base, adapters, output, dtype, allow_unmatched, overwrite, verif
             out.print(f"({result.fused_keys} of them are text encoder 2's fused q/k/v in_proj_weight tensors, each "
                       "patched by 3 modules; a diffusers folder stores q, k and v apart)")
         for a in result.adapters:
-            out.print(f"{a.path.name} (ratio {a.ratio:g}): applied {a.applied}/{a.modules} modules")
+            out.print(f"{a.path.name} (ratio {a.ratio:g}{_blocks_text(a.blocks)}): applied {a.applied}/{a.modules} "
+                      f"modules{_zeroed_text(a.zeroed, a.blocks)}")
+            if a.blocks is not None and a.unnamed:
+                out.info(f"{a.path.name}: {a.unnamed} module(s) lie in blocks the {len(a.blocks.named)}-weight list "
+                         "does not name (or outside the numbered blocks) and keep weight 1")
     if verified is False:
         out.problem("verification failed: the written file does not hold the intended deltas (see the table); "
                     "please report this")
         raise typer.Exit(1)
 
 
-def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe, base, device, json_out) -> None:
+def _blocks_text(blocks) -> str:
+    return "" if blocks is None else f", blocks {blocks.text}"
+
+
+def _zeroed_text(zeroed: int, blocks) -> str:
+    if not zeroed:
+        return ""
+    why = "block weight or --te-scale 0" if blocks is not None else "--te-scale 0"
+    return f" ({zeroed} at weight 0 ({why}): their weights are unchanged)"
+
+
+def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe, base, device, te_scale,
+             json_out) -> None:
     from loratools.cli.output import out
     from loratools.units import human_bytes
     from loratools.ops.merge import LoraMergeOptions, merge_loras
 
     result = merge_loras(LoraMergeOptions(adapters=adapters, output=output, dtype=dtype,
                                           allow_unmatched=allow_unmatched, overwrite=overwrite, title=title,
-                                          recipe=recipe, base=base, device=device))
+                                          recipe=recipe, base=base, device=device, te_scale=te_scale))
     ranks = result.ranks
     resized = [] if result.resized is None else result.resized.outcomes
     if json_out:
@@ -272,9 +302,7 @@ def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe,
                   "dropped": result.dropped, "warnings": result.warnings,
                   "size": result.file.size if result.file else None,
                   "sshs_model_hash": result.file.sshs_model_hash if result.file else None,
-                  "recompressed": [{"recipe": o.recipe, "path": str(o.path), "status": o.status,
-                                    "rank_after": o.rank_after, "size_after": o.size_after,
-                                    "fro_retained": o.fro_retained} for o in resized]})
+                  "recompressed": recompressed_json(resized)})
         return
     for note in result.warnings:
         out.warn(note)
@@ -292,7 +320,14 @@ def _to_lora(adapters, output, dtype, allow_unmatched, overwrite, title, recipe,
     for o in resized:
         out.print(o.summary_line())
     for r in result.inputs:
-        out.print(f"{r.path.name} (weight {r.ratio:g}): applied {r.applied}/{r.modules} modules")
+        out.print(f"{r.path.name} (weight {r.ratio:g}{_blocks_text(r.blocks)}): applied {r.applied}/{r.modules} "
+                  "modules")
+
+
+def recompressed_json(outcomes) -> list[dict]:
+    """The ``--json`` rows of a combination re-compressed by a resize recipe (merge --to-lora, ema)."""
+    return [{"recipe": o.recipe, "path": str(o.path), "status": o.status, "rank_after": o.rank_after,
+             "size_after": o.size_after, "fro_retained": o.fro_retained} for o in outcomes]
 
 
 def register(app: typer.Typer) -> None:

@@ -28,6 +28,9 @@ from loratools.keys.naming import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, unet_spelli
 ARCHES = ("sd1", "sd2", "sdxl")
 NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+#: sd-scripts' `ss_base_model_version` per (architecture, v-prediction).
+BASE_MODEL_VERSIONS = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1_v", ("sd2", False): "sd_v2",
+                       ("sd2", True): "sd_v2_v", ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
 
 _SHAPE = tuple[int, ...]
 

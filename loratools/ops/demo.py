@@ -13,7 +13,11 @@ code the commands use:
    (``loratools.ops.check_weights``);
 4. merge the LoCon into the single-file base with ``--verify`` (``loratools.ops.merge``) and
    render the same prompt with the base and the merged checkpoint;
-5. read the LoCon's metadata: base model, rank/alpha, training record, trigger words
+5. merge it again with block weights (``LORA:RATIO:OUTALL``: the output blocks only);
+6. extract a LoCon back from the merged checkpoint and its base (``loratools.ops.extract``) and
+   compare it with the trained LoCon at the merge ratio;
+7. post-hoc EMA of the LoCons the run saved (``loratools.ops.ema``, ``--sigma_rel``);
+8. read the LoCon's metadata: base model, rank/alpha, training record, trigger words
    (``loratools.ops.metadata``).
 
 Each step's report carries the equivalent ``loratools`` command line, so the demo doubles as a
@@ -36,11 +40,13 @@ from loratools.errors import OutputExistsError, UsageError
 
 MARKER = ".loratools-demo"
 #: What the demo writes inside its output folder; only these are ever replaced.
-ENTRIES = ("base", "dataset", "train", "resized", "merged", "report.json", MARKER)
+ENTRIES = ("base", "dataset", "train", "resized", "merged", "extracted", "ema", "report.json", MARKER)
 ARCHES = ("sdxl", "sd1")
 CONCEPT = "tinychar"
 RECIPES = ("fro_ckpt=1,thr=-3.55", "sv_fro=0.9")
 MERGE_RATIO = 0.8  # the LoCon's strength in the merged checkpoint (LORA:RATIO on the command line)
+BLOCKS = "OUTALL"  # the block-weight preset of the second merge (recipes/lbw/OUTALL.toml)
+EMA_SIGMA_REL = 0.2  # the post-hoc EMA's profile (--sigma_rel)
 PROMPT = f"{CONCEPT}, red circle, white background, stripes"
 #: The seeds' LoCon per architecture: the Pony/SDXL guide (Hungarian) trains lycoris.kohya with
 #: algo=locon preset=full; the SD1.5 guide (Russian) kohya's own networks.lora with conv_dim.
@@ -50,6 +56,7 @@ NETWORKS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 Progress = Callable[[str], None]
+STEPS = 10  # base, dataset, train, resize, check, merge, blocks, extract, ema, metadata
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class DemoOptions:
         output_dir: folder for everything the demo writes (created if missing). A non-empty
             folder that no earlier demo wrote is refused unless ``overwrite``.
         arch: ``"sdxl"`` (the seeds' Pony/SDXL case) or ``"sd1"``.
-        steps: optimizer steps; default 120 (``quick``: 8).
+        steps: optimizer steps; default 120 (``quick``: 8); the LoCon is also saved every third of them.
         quick: fewer images, steps and sample steps (for tests and a smoke check).
         overwrite: allow a non-empty folder that is not a demo folder (only the demo's own
             entries, ``ENTRIES``, are replaced; other files are left alone).
@@ -77,8 +84,8 @@ class DemoOptions:
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise UsageError(f"--arch {self.arch!r}: choose one of {', '.join(ARCHES)}")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if self.steps is not None and self.steps < 2:
+            raise UsageError(f"--steps must be at least 2 (the EMA step averages the run's saves), got {self.steps}")
 
     @property
     def settings(self) -> Settings:
@@ -88,6 +95,7 @@ class DemoOptions:
             images=4 if self.quick else 6,
             sample_every=max(1, steps // 2),
             sample_steps=4 if self.quick else 8,
+            save_every=max(1, steps // 3),
         )
 
 
@@ -99,6 +107,7 @@ class Settings:
     images: int
     sample_every: int
     sample_steps: int
+    save_every: int = 0
     repeats: int = 5
     batch_size: int = 2
     network_dim: int = 8
@@ -146,6 +155,7 @@ class TrainReport:
     recipe: Path
     warnings: list[str]
     command: str
+    saved: list[Path] = field(default_factory=list)  # every LoCon the run wrote, oldest first
 
     @property
     def loss_first(self) -> float:
@@ -210,6 +220,48 @@ class MergeReport:
 
 
 @dataclass
+class BlocksReport:
+    """The LoCon merged with block weights: which modules the preset left at 0."""
+
+    path: Path
+    preset: str
+    applied: int
+    zeroed: int
+    unnamed: int
+    preview: Path
+    preview_change: float  # mean |blocks - base| pixel difference, 0..1
+    command: str
+
+
+@dataclass
+class ExtractReport:
+    """A LoCon extracted from the merged checkpoint, against the trained LoCon at the merge ratio."""
+
+    path: Path
+    bytes: int
+    recipe: str
+    layers: int
+    ranks: tuple[int, int]
+    kept: float  # share of the merged-minus-base difference the file holds (Frobenius)
+    deviation: float  # ||extracted - ratio * trained|| / ||ratio * trained|| over the modules both have
+    compared: int
+    command: str
+
+
+@dataclass
+class EmaReport:
+    """The post-hoc EMA of the run's saved LoCons."""
+
+    path: Path
+    bytes: int
+    sigma_rel: float
+    steps: list[int]
+    weights: list[float]
+    max_rank: int
+    command: str
+
+
+@dataclass
 class MetadataReport:
     """What ``metadata show`` reads from the LoCon's header."""
 
@@ -237,6 +289,9 @@ class DemoResult:
     checks: list[CheckReport]
     check_command: str
     merge: MergeReport
+    blocks: BlocksReport
+    extract: ExtractReport
+    ema: EmaReport
     metadata: MetadataReport
     seconds: float
     steps_seconds: dict[str, float] = field(default_factory=dict)  # step name -> wall seconds
@@ -336,7 +391,7 @@ def train_argv(base: Path, data: Path, out: Path, prompts: Path, arch: str, sett
         "--optimizer_type", "AdamW", "--learning_rate", str(settings.learning_rate),
         "--lr_scheduler", "cosine", "--max_train_steps", str(settings.steps),
         "--train_batch_size", str(settings.batch_size), "--cache_latents", "--max_data_loader_n_workers", "0",
-        "--save_precision", "fp16", "--seed", str(seed),
+        "--save_precision", "fp16", "--seed", str(seed), "--save_every_n_steps", str(settings.save_every),
         "--sample_prompts", str(prompts), "--sample_sampler", "euler_a",
         "--sample_every_n_steps", str(settings.sample_every), "--sample_at_first",
     ]
@@ -371,7 +426,8 @@ def _train(out: Path, base: BaseReport, dataset: DatasetReport, settings: Settin
     modules = sum(summarize(result.final_file).module_counts.values())
     return TrainReport(result.final_file, result.final_file.stat().st_size, network_label(base.arch),
                        modules, result.global_step, list(result.losses), list(result.sample_files), prompts, recipe,
-                       list(result.warnings), _command("loratools", "train", "--config", recipe))
+                       list(result.warnings), _command("loratools", "train", "--config", recipe),
+                       list(result.saved_files))
 
 
 def _resize(out: Path, base: BaseReport, lora: Path) -> tuple[list[ResizeReport], str]:
@@ -420,6 +476,61 @@ def _merge(out: Path, base: BaseReport, lora: Path, seed: int) -> MergeReport:
                        res.copied_keys, res.verified, previews["base"], previews["merged"], change,
                        _command("loratools", "merge", base.single_file, f"{_shown(lora)}:{ratio:g}", "-o", target,
                                 "--verify"))
+
+
+def _blocks(out: Path, base: BaseReport, lora: Path, seed: int) -> BlocksReport:
+    import numpy as np
+
+    from loratools.ops.merge import MergeOptions, WeightedPath, merge_checkpoint
+    from loratools.tiny import load_single_file, render
+
+    target = out / "merged" / f"tiny-{base.arch}-{CONCEPT}-{BLOCKS.lower()}.safetensors"
+    res = merge_checkpoint(MergeOptions(base.single_file, [WeightedPath(lora, MERGE_RATIO, BLOCKS)], target))
+    rep = res.adapters[0]
+    images = [render(load_single_file(p, base.arch, seed=seed), PROMPT, seed=seed, steps=4, size=64)
+              for p in (base.single_file, target)]
+    preview = _save_png(images[1], out / "merged" / f"preview-{BLOCKS.lower()}.png")
+    return BlocksReport(target, BLOCKS, rep.applied, rep.zeroed, rep.unnamed, preview,
+                        float(np.abs(images[1] - images[0]).mean()),
+                        _command("loratools", "merge", base.single_file, f"{_shown(lora)}:{MERGE_RATIO:g}:{BLOCKS}",
+                                 "-o", target))
+
+
+def _extract(out: Path, base: BaseReport, merged: Path, lora: Path, settings: Settings) -> ExtractReport:
+    from loratools.adapters import load_adapter
+    from loratools.ops.extract import ExtractOptions, extract
+
+    folder = out / "extracted"
+    folder.mkdir()
+    target = folder / f"{CONCEPT}-extracted.safetensors"
+    recipe = f"rank={settings.network_dim},conv_rank={settings.conv_dim}"
+    res = extract(ExtractOptions(merged, base.single_file, target, recipe=recipe))
+    got, trained = load_adapter(target).modules, load_adapter(lora).modules
+    common = sorted(set(got) & set(trained))
+    err = want = 0.0
+    for name in common:
+        expected = MERGE_RATIO * trained[name].delta()
+        err += float((got[name].delta().reshape(expected.shape) - expected).norm()) ** 2
+        want += float(expected.norm()) ** 2
+    ranks = [r.rank for r in res.written]
+    return ExtractReport(target, target.stat().st_size, recipe, len(res.written), (min(ranks), max(ranks)), res.kept,
+                         (err / want) ** 0.5 if want else 0.0, len(common),
+                         _command("loratools", "extract", merged, base.single_file, "-r", recipe, "-o", target))
+
+
+def _ema(out: Path, base: BaseReport, saved: Sequence[Path]) -> EmaReport:
+    from loratools.ops.ema import EmaOptions, post_hoc_ema
+
+    folder = out / "ema"
+    folder.mkdir()
+    target = folder / f"{CONCEPT}-ema.safetensors"
+    # --base: the tiny UNet is not the released SDXL layout, so its SGM names are resolved against it
+    folder_in = saved[-1].parent  # the run's output folder: its LoCons, found by ema as a user would
+    res = post_hoc_ema(EmaOptions([folder_in], target, sigma_rel=EMA_SIGMA_REL, base=base.single_file))
+    return EmaReport(target, target.stat().st_size, EMA_SIGMA_REL, [i.step or 0 for i in res.inputs],
+                     [i.weight for i in res.inputs], max(res.merge.ranks, default=0),
+                     _command("loratools", "ema", folder_in, "--sigma_rel", EMA_SIGMA_REL, "--base", base.single_file,
+                              "-o", target))
 
 
 def _save_png(image: Any, path: Path) -> Path:
@@ -517,7 +628,7 @@ def _run(options: DemoOptions, progress: Progress | None) -> DemoResult:
     timings: dict[str, float] = {}
 
     def step(name: str, message: str, fn: Callable[[], Any]) -> Any:
-        say(f"[{len(timings) + 1}/7] {message}")
+        say(f"[{len(timings) + 1}/{STEPS}] {message}")
         t0 = time.perf_counter()
         value = fn()
         timings[name] = round(time.perf_counter() - t0, 3)
@@ -535,8 +646,14 @@ def _run(options: DemoOptions, progress: Progress | None) -> DemoResult:
     checks, check_cmd = step("check", "checking weights", lambda: _check([train.lora, *written]))
     merge = step("merge", "merging the LoCon into the base checkpoint (with --verify)",
                  lambda: _merge(out, base, train.lora, options.seed))
+    blocks = step("blocks", f"merging it with block weights ({BLOCKS}: the output blocks only)",
+                  lambda: _blocks(out, base, train.lora, options.seed))
+    extracted = step("extract", "extracting a LoCon from the merged checkpoint and the base",
+                     lambda: _extract(out, base, merge.path, train.lora, settings))
+    ema = step("ema", f"post-hoc EMA of the {len(train.saved)} LoCons the run saved",
+               lambda: _ema(out, base, train.saved))
     meta = step("metadata", "reading the LoCon's metadata", lambda: _metadata(train.lora))
     result = DemoResult(out, options.arch, base, dataset, train, resized, resize_cmd, checks,
-                        check_cmd, merge, meta, time.perf_counter() - t_start, timings)
+                        check_cmd, merge, blocks, extracted, ema, meta, time.perf_counter() - t_start, timings)
     (out / "report.json").write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
     return result

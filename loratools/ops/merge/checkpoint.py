@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from loratools.io import ModelSource, WrittenFile
+    from loratools.ops.merge.blocks import BlockWeights
     from loratools.ops.merge.verify import VerifyRow
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -45,7 +46,7 @@ class MergeOptions:
 
     Attributes:
         base: single-file checkpoint (``.safetensors``, ``.ckpt``) or diffusers folder.
-        adapters: adapter files with their ratios, in order.
+        adapters: adapter files with their ratios (and block weights), in order.
         output: ``.safetensors`` file for a single-file base, a folder for a diffusers base.
         dtype: ``fp16``/``bf16``/``fp32`` for every float tensor; None keeps each key's dtype.
         allow_unmatched: merge what matches and report the rest instead of refusing.
@@ -73,7 +74,9 @@ class MergeOptions:
 
 @dataclass
 class AdapterReport:
-    """Per-adapter outcome: ``applied`` of ``modules`` merged, the names that were not."""
+    """Per-adapter outcome: ``applied`` of ``modules`` matched a weight (``zeroed`` of them at an
+    effective ratio of 0, so unchanged), the names that did not; ``blocks`` the block weights and
+    ``unnamed`` the modules in blocks the block-weight list did not name (kept at 1)."""
 
     path: Path
     ratio: float
@@ -82,6 +85,9 @@ class AdapterReport:
     unmatched: list[str]
     sha256: str | None = None
     autov2: str | None = None
+    zeroed: int = 0
+    blocks: BlockWeights | None = None
+    unnamed: int = 0
 
 
 @dataclass
@@ -152,6 +158,14 @@ def _load_adapters(opts: MergeOptions, arch: str):
     return loaded
 
 
+def parse_blocks(adapters: Sequence[WeightedPath], arch: str) -> list[BlockWeights | None]:
+    """Each adapter's block weights, parsed for the base's architecture (before anything is read)."""
+    from loratools.ops.merge.blocks import parse_block_weights
+
+    return [None if wp.blocks is None else parse_block_weights(wp.blocks, arch, origin=str(wp.path))
+            for wp in adapters]
+
+
 def _refuse_unmatched(plan: MergePlan) -> None:
     missing = plan.unmatched()
     if not missing:
@@ -204,17 +218,20 @@ def merge_checkpoint(opts: MergeOptions, progress: ProgressFn | None = None) -> 
     _check_output(opts, source)
     index = BaseIndex.from_model(source)
     arch = index.arch.arch
+    blocks = parse_blocks(opts.adapters, arch)
     loaded = _load_adapters(opts, arch)
-    plan = build_plan(index, loaded, opts.te_scale)
+    plan = build_plan(index, loaded, opts.te_scale, blocks)
     if not opts.allow_unmatched:
         _refuse_unmatched(plan)
 
     records, reports = [], []
-    for (path, ratio, adapter), ap in zip(loaded, plan.adapters):
+    for (path, ratio, adapter), ap, bw in zip(loaded, plan.adapters, blocks):
         sha, short = hash_input(path)
-        records.append(InputRecord(path, ratio, sha, short, len(ap.applied), ap.modules,
-                                   title_of(path, adapter.metadata)))
-        reports.append(AdapterReport(path, ratio, ap.modules, len(ap.applied), ap.unmatched, sha, short))
+        matched = len(ap.applied) + len(ap.zeroed)
+        records.append(InputRecord(path, ratio, sha, short, matched, ap.modules,
+                                   title_of(path, adapter.metadata), blocks=bw))
+        reports.append(AdapterReport(path, ratio, ap.modules, matched, ap.unmatched, sha, short,
+                                     zeroed=len(ap.zeroed), blocks=bw, unnamed=len(ap.unnamed)))
     names = [p.name for p, _, _ in loaded]
     writer = _Writer(source, plan, out_dtype, names, progress, opts.sha256)
 

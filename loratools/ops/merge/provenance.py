@@ -14,8 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loratools import __version__
+
+if TYPE_CHECKING:
+    from loratools.ops.merge.blocks import BlockWeights
 
 PROVENANCE_KEY = "loratools.merge"
 _STALE_PREFIXES = ("sshs_",)
@@ -38,10 +42,14 @@ class InputRecord:
     applied: int
     modules: int
     title: str | None = None
+    blocks: BlockWeights | None = None
 
     def as_json(self) -> dict:
-        return {"file": self.path.name, "sha256": self.sha256, "autov2": self.autov2, "ratio": self.ratio,
-                "applied": self.applied, "modules": self.modules}
+        entry = {"file": self.path.name, "sha256": self.sha256, "autov2": self.autov2, "ratio": self.ratio,
+                 "applied": self.applied, "modules": self.modules}
+        if self.blocks is not None:
+            entry["blocks"] = self.blocks.as_json()
+        return entry
 
 
 def hash_input(path: Path) -> tuple[str | None, str | None]:
@@ -78,6 +86,12 @@ def _modelspec(meta: dict[str, str], *, arch: str, architecture: str, implementa
     meta["modelspec.implementation_version"] = f"loratools/{__version__}"
 
 
+def lora_modelspec(meta: dict[str, str], *, arch: str, title: str, merged_from: Sequence[str]) -> None:
+    """Fill the ``modelspec.*`` keys of a LoRA file made from ``merged_from`` (merge, ema, extract)."""
+    _modelspec(meta, arch=arch, architecture=_ARCHITECTURES.get(arch, arch) + "/lora",
+               implementation=_SGM if arch == "sdxl" else "diffusers", title=title, merged_from=merged_from)
+
+
 def checkpoint_metadata(base_meta: Mapping[str, str] | None, *, arch: str, base: InputRecord,
                         adapters: Sequence[InputRecord], output: Path, dtype: str | None,
                         title: str | None, modelspec: bool = True, te_scale: float = 1.0) -> dict[str, str]:
@@ -107,8 +121,9 @@ def checkpoint_metadata(base_meta: Mapping[str, str] | None, *, arch: str, base:
 
 def lora_metadata(first_meta: Mapping[str, str] | None, *, arch: str, adapters: Sequence[InputRecord],
                   output: Path, ranks: Sequence[int], alphas: Sequence[float], title: str | None,
-                  recipe: str | None = None) -> dict[str, str]:
-    """Metadata for a LoRA combined from several: the first input's, with dim/alpha brought up to date.
+                  recipe: str | None = None, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """Metadata for a LoRA combined from several: the first input's (the caller's choice: ``ema``
+    keeps the newest), with dim/alpha brought up to date; ``extra`` fields join the provenance record.
 
     ``ss_network_dim`` holds the largest rank as a number (parsers choke on "Dynamic" there);
     ``ss_network_alpha`` is the common alpha, or "Dynamic" (kohya's convention) when they differ.
@@ -118,11 +133,9 @@ def lora_metadata(first_meta: Mapping[str, str] | None, *, arch: str, adapters: 
         meta["ss_network_dim"] = str(max(ranks))
         distinct = {float(a) for a in alphas}
         meta["ss_network_alpha"] = str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
-    architecture = _ARCHITECTURES.get(arch, arch) + "/lora"
-    implementation = _SGM if arch == "sdxl" else "diffusers"
-    _modelspec(meta, arch=arch, architecture=architecture, implementation=implementation,
-               title=title or output.stem, merged_from=[a.title or a.path.stem for a in adapters])
-    meta[PROVENANCE_KEY] = json.dumps({
-        "tool": f"loratools {__version__}", "mode": "recipe" if recipe else "concat", "recipe": recipe,
-        "adapters": [a.as_json() for a in adapters]}, ensure_ascii=False)
+    lora_modelspec(meta, arch=arch, title=title or output.stem, merged_from=[a.title or a.path.stem for a in adapters])
+    record = {"tool": f"loratools {__version__}", "mode": "recipe" if recipe else "concat", "recipe": recipe}
+    record.update(extra or {})
+    record["adapters"] = [a.as_json() for a in adapters]
+    meta[PROVENANCE_KEY] = json.dumps(record, ensure_ascii=False)
     return meta

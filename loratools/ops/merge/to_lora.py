@@ -25,7 +25,7 @@ re-compression is the resize code path itself, with its recipes, scores and outp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from loratools.adapters import AdapterFile, AdapterModule
     from loratools.io import WrittenFile
+    from loratools.ops.merge.blocks import BlockWeights
     from loratools.ops.resize import LoraOutcome
 
 #: The factor of each type that its delta is linear in (scaling it scales the delta).
@@ -64,6 +65,9 @@ class LoraMergeOptions:
             whose inputs spell modules differently) and recipe scores that need it (``fro_ckpt``,
             ``spn_ckpt``, ``subspace``) read it.
         device: where the re-compression's decompositions run (``cpu``, ``cuda``).
+        te_scale: factor on every weight for text-encoder modules (0: the UNet part only).
+        metadata_from: which input's metadata the output keeps (``ema`` keeps the newest file's).
+        provenance: extra fields for the ``loratools.merge`` record (``ema``: its mode and schedule).
     """
 
     adapters: Sequence[WeightedPath]
@@ -75,6 +79,9 @@ class LoraMergeOptions:
     recipe: str | None = None
     base: Path | None = None
     device: str = "cpu"
+    te_scale: float = 1.0
+    metadata_from: int = 0
+    provenance: Mapping[str, object] | None = None
 
 
 @dataclass
@@ -252,7 +259,8 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
     if opts.recipe is not None:
         dtype = torch.float32  # the resize engine reads the exact combination; it casts at the end
 
-    layers, naming_notes = _layers(opts, loaded, arch)
+    blocks = _blocks(opts, arch)
+    layers, naming_notes = _layers(opts, loaded, arch, blocks)
     names = sorted(layers)
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, int] = {}
@@ -278,12 +286,12 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
             tensors[f"{name}.{suffix}"] = t.contiguous()
 
     records = []
-    for wp, adapter in loaded:
+    for (wp, adapter), bw in zip(loaded, blocks):
         sha, short = hash_input(wp.path)
         records.append(InputRecord(wp.path, wp.ratio, sha, short, len(adapter.modules), len(adapter.modules),
-                                   title_of(wp.path, adapter.metadata)))
-    meta = lora_metadata(loaded[0][1].metadata, arch=arch, adapters=records, output=opts.output, ranks=ranks,
-                         alphas=alphas, title=opts.title, recipe=opts.recipe)
+                                   title_of(wp.path, adapter.metadata), blocks=bw))
+    meta = lora_metadata(loaded[opts.metadata_from][1].metadata, arch=arch, adapters=records, output=opts.output,
+                         ranks=ranks, alphas=alphas, title=opts.title, recipe=opts.recipe, extra=opts.provenance)
     result = LoraMergeResult(opts.output, arch, records, len(names) - len(omitted), kinds, ranks, dropped, omitted,
                              warnings=[f"{wp.path.name}: {w}" for wp, adapter in loaded for w in adapter.warnings]
                              + naming_notes)
@@ -295,10 +303,29 @@ def merge_loras(opts: LoraMergeOptions) -> LoraMergeResult:
     return result
 
 
-def _layers(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, AdapterFile]], arch: str
-            ) -> tuple[dict[str, list[tuple[float, AdapterModule]]], list[str]]:
+def _blocks(opts: LoraMergeOptions, arch: str) -> list[BlockWeights | None]:
+    """Each input's block weights (they need the inputs' architecture)."""
+    from loratools.ops.merge.checkpoint import parse_blocks
+
+    if not any(wp.blocks for wp in opts.adapters):
+        return [None] * len(opts.adapters)
+    if arch == "unknown" and opts.base is not None:
+        from loratools.io import open_model
+        from loratools.keys.arch import detect_checkpoint_arch
+
+        arch = detect_checkpoint_arch(open_model(opts.base)).arch
+    if arch == "unknown":
+        raise UsageError("block weights need the adapters' architecture, which their files do not tell; "
+                         "pass --base with the model they were made for")
+    return parse_blocks(opts.adapters, arch)
+
+
+def _layers(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, AdapterFile]], arch: str,
+            blocks: Sequence[BlockWeights | None]) -> tuple[dict[str, list[tuple[float, AdapterModule]]], list[str]]:
     """``{kohya name to write: [(weight, module), ...]}``: every input module grouped with the
     other inputs' modules that change the same base weight, whatever their spelling; plus notes.
+    Each weight is the input's ratio times the module's block weight (and ``te_scale`` for text
+    encoders), as a merge into a checkpoint scales it (``plan.module_ratio``).
 
     Raises:
         UnmatchedModulesError: a module that names no weight of the base / released model, or
@@ -309,13 +336,15 @@ def _layers(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, Adapter
     from loratools.errors import InvalidFileError
     from loratools.keys.resolve import index_for, module_shapes, place_modules
 
+    from loratools.ops.merge.plan import module_ratio
+
     index = index_for(arch if arch != "unknown" else None, _base_index(opts, loaded))
     if index is None:
-        return _layers_by_name(loaded), []
+        return _layers_by_name(loaded, opts.te_scale), []
     layers: dict[object, list[tuple[float, AdapterModule]]] = {}
     write: dict[object, str] = {}
     unresolved, notes = [], []
-    for wp, adapter in loaded:
+    for (wp, adapter), bw in zip(loaded, blocks):
         placements = place_modules(module_shapes(adapter), index)
         unresolved += [f"{wp.path.name}: {adapter.modules[n].source_name}" for n in placements.unresolved]
         if placements.unfit_note():
@@ -326,7 +355,8 @@ def _layers(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, Adapter
                 raise InvalidFileError(f"modules {owner[placed.target]} and {name} both change {placed.target.key}; "
                                        "the file mixes naming styles; keep one of them", path=wp.path)
             owner[placed.target] = name
-            layers.setdefault(placed.target, []).append((wp.ratio, adapter.modules[name]))
+            weight = module_ratio(wp.ratio, index.info(placed.target).kohya_name, index.arch.arch, opts.te_scale, bw)
+            layers.setdefault(placed.target, []).append((weight, adapter.modules[name]))
             write.setdefault(placed.target, placed.write_name)
     if unresolved:
         raise UnmatchedModulesError(f"{len(unresolved)} module(s) cannot be matched to a weight of "
@@ -352,7 +382,8 @@ def _base_index(opts: LoraMergeOptions, loaded: Sequence[tuple[WeightedPath, Ada
     return index
 
 
-def _layers_by_name(loaded: Sequence[tuple[WeightedPath, AdapterFile]]) -> dict[str, list[tuple[float, AdapterModule]]]:
+def _layers_by_name(loaded: Sequence[tuple[WeightedPath, AdapterFile]], te_scale: float = 1.0
+                    ) -> dict[str, list[tuple[float, AdapterModule]]]:
     """Without any architecture to resolve against, modules are matched by name; that is exact
     only while every input spells the UNet one way (an SGM name and a diffusers name of one
     weight cannot be related without the UNet's layout)."""
@@ -369,7 +400,10 @@ def _layers_by_name(loaded: Sequence[tuple[WeightedPath, AdapterFile]]) -> dict[
                          f"{spellings['diffusers']} by their diffusers path (down_blocks_...); pass --base with the "
                          "model they were made for so each weight is merged once")
     names = sorted({n for _, a in loaded for n in a.modules})
-    return {n: [(wp.ratio, a.modules[n]) for wp, a in loaded if n in a.modules] for n in names}
+    from loratools.ops.merge.plan import module_ratio
+
+    return {n: [(module_ratio(wp.ratio, n, "unknown", te_scale, None), a.modules[n]) for wp, a in loaded
+                if n in a.modules] for n in names}
 
 
 _DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
