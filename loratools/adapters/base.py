@@ -27,6 +27,8 @@ from loratools.errors import InvalidFileError, NonFiniteError
 if TYPE_CHECKING:  # torch is imported lazily so that header-only callers stay light
     import torch
 
+    from loratools.adapters.directions import Directions
+
 #: Suffixes that belong to no single type (kohya spelling, after the module name's dot).
 SHARED_SUFFIXES: tuple[str, ...] = ("alpha", "dora_scale", "scale")
 
@@ -178,6 +180,11 @@ class AdapterModule:
     def tensors(self) -> dict[str, torch.Tensor]:
         """``suffix -> tensor`` as a kohya-family file stores this module."""
         raise NotImplementedError
+
+    def directions(self, device: str = "cpu") -> Directions | None:
+        """This module's delta as ranked directions in its own form (``adapters.directions``),
+        computed on ``device``; None for types that resize copies unchanged (IA3, full, norm)."""
+        return None
 
     # -- helpers shared by the types --------------------------------------------------------
     def _alpha_tensor(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
