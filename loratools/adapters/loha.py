@@ -20,15 +20,19 @@ rank r^2), so ``E(k)^2 = m_k^T (Gu o Gv) m_k`` with the r^2 x r^2 Gram matrices 
 vectors and ``m_k`` the coefficients ``scale s1_i s2_j`` of the terms rank ``k`` drops
 (``max(i, j) >= k``); cost ``O((out + in) r^4)``. The strengths are the successive gains
 ``d_k = E(k-1)^2 - E(k)^2``, made non-increasing by pooling adjacent violators (block sums kept):
-``S = sqrt(pooled d)``. So ``sqrt(sum(S[k:]**2)) = E(k)`` EXACTLY for every rank ``k`` that ends a
-pooled block, which is every ``k`` whenever the gains already decrease (the usual case: the
-singular values of both pairs decrease); inside a pooled block (a rank that gains more than the
-rank before it) the claimed left-out interpolates ``E^2`` linearly between the block's ends, so
-it lies between their exact errors. ``E(0) = ||delta||_F``, so ``||S|| = ||delta||_F`` always.
+``S = sqrt(pooled d)``. Equivalently ``sum(S[k:]**2) = ||delta||^2 - H(k)`` with ``H`` the least
+concave majorant of the kept energy ``||delta||^2 - E(k)^2``. So ``sqrt(sum(S[k:]**2)) = E(k)``
+EXACTLY at every rank where ``H`` touches it, which is every rank whenever the gains already
+decrease (as when both pairs' singular values decay fast); at a rank inside a pooled block
+(one that gains less than the rank after it) the claimed left-out interpolates ``E^2`` linearly
+between the block's ends and is BELOW the exact ``E(k)``: a lower bound there, never an upper one.
+``E(0) = ||delta||_F``, so ``||S|| = ||delta||_F`` always. Random Gaussian factors (flat spectra)
+often pool.
 A LoHa cannot drop an inner rank: ``tensors(keep)`` builds rank ``len(keep)``, the first
 ``len(keep)`` directions; with ``S`` non-increasing every recipe scoring by ``S`` keeps a prefix.
 Converting to LoRA is never offered: the kept delta has rank up to k^2, which a LoRA stores in
-no fewer elements than the LoHa's ``2k`` rows and columns once ``k >= 2``.
+no fewer elements than the LoHa's ``2k`` rows and columns once ``k >= 2`` (at ``k = 1`` a LoRA
+would take half; one kind per module keeps the file one type).
 ``dora_scale`` is copied: ``S`` measures the delta before DoRA's base-dependent normalisation.
 """
 
