@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from loratools.adapters import load_adapter
 from loratools.io import open_safetensors
 from loratools.tiny import make_lora
 
@@ -83,7 +84,9 @@ def test_sd1_with_base_flag(tiny_sd1, tiny_sd1_ckpt, tmp_path):
     rc, stdout, err = run("-b", tiny_sd1_ckpt, "-r", "fro_ckpt=1,thr=-2.5", str(tmp_path / "*.safetensors"),
                           "-o", tmp_path, cwd=tmp_path)
     assert rc == 0, err
-    assert "converted" in err and "loha_frockpt1_th-2.5.safetensors" in stdout
+    assert "loha_frockpt1_th-2.5.safetensors" in stdout
+    out = load_adapter(tmp_path / "loha_frockpt1_th-2.5.safetensors")  # issue 12: the LoHa stays a LoHa
+    assert {m.kind for m in out.modules.values()} == {"loha"} and max(m.rank for m in out.modules.values()) <= 4
 
 
 @pytest.mark.parametrize("case", ["arch", "typo", "thr_and_size", "output_is_file"])
