@@ -222,3 +222,60 @@ def test_antitonic_by_hand():
     torch.testing.assert_close(antitonic(torch.tensor([1.0, 3.0, 2.0])), torch.tensor([2.0, 2.0, 2.0]))
     torch.testing.assert_close(antitonic(torch.tensor([4.0, 2.0, 1.0])), torch.tensor([4.0, 2.0, 1.0]))
     assert math.isclose(float(antitonic(torch.tensor([0.0, 5.0, -1.0])).sum()), 4.0)
+
+
+# ---------------------------------------------------------------------- lycoris-lora reads the result
+_LY_CASES = {  # name: (type, LyCORIS kwargs, layer, reduced rank)
+    "loha linear": ("loha", dict(lora_dim=4, alpha=2), "linear", 2),
+    "loha conv": ("loha", dict(lora_dim=4, alpha=2), "conv", 3),
+    "loha tucker": ("loha", dict(lora_dim=4, alpha=2, use_tucker=True), "conv", 4),
+    "lokr linear": ("lokr", dict(lora_dim=4, alpha=1, factor=4), "linear", 2),
+    "lokr both split": ("lokr", dict(lora_dim=2, alpha=1, factor=8, decompose_both=True), "linear", 1),
+    "lokr both split, all kept": ("lokr", dict(lora_dim=2, alpha=1, factor=8, decompose_both=True), "linear", 2),
+    "lokr conv": ("lokr", dict(lora_dim=2, alpha=3, factor=4), "conv", 1),
+    "lokr tucker": ("lokr", dict(lora_dim=2, alpha=3, factor=4, use_tucker=True), "conv", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(_LY_CASES))
+def test_reduced_module_loads_in_lycoris_with_the_same_delta(case):
+    # the reduced tensors load strictly into lycoris-lora's own module of the new rank (built with the
+    # alpha we write, as its loader does) and its forward adds exactly our parser's delta
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lycoris.modules.loha import LohaModule as LyLoha
+    from lycoris.modules.lokr import LokrModule as LyLokr
+
+    kind, kwargs, layer_kind, k = _LY_CASES[case]
+    cls, ours = (LyLoha, LoHaModule) if kind == "loha" else (LyLokr, LoKrModule)
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48) if layer_kind == "linear" else nn.Conv2d(32, 48, 3, padding=1)
+    trained = cls("lora_unet_x", copy.deepcopy(layer), 1.0, **kwargs)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_(0, 0.3)
+    state = {s: v.detach().clone() for s, v in trained.state_dict().items() if not s.startswith("org_")}
+    m = ours.parse("lora_unet_x", state)
+    assert ("both split" in case) == ("lokr_w1_a" in state) and ("tucker" in case) == any("_t" in s for s in state)
+    reduced = m.directions().tensors(range(k), torch.float32)
+    # a split w1 beside w2 cut to another rank comes out full (LyCORIS keeps one rank for both)
+    both = "lokr_w1_a" in reduced
+    ly = cls("lora_unet_x", copy.deepcopy(layer), 1.0,
+             **{**kwargs, "lora_dim": k, "alpha": float(reduced["alpha"]), "decompose_both": both})
+    ly.load_state_dict({s: v for s, v in reduced.items()}, strict=False)
+    missing = set(ly.state_dict()) - set(reduced) - {s for s in ly.state_dict() if s.startswith("org_")}
+    assert not missing and all(ly.state_dict()[s].shape == t.shape for s, t in reduced.items())
+    ly.apply_to()
+    delta = ours.parse("lora_unet_x", reduced).delta().reshape(layer.weight.shape)
+    x = torch.randn(3, 64) if layer_kind == "linear" else torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        want = layer(x) + (F.linear(x, delta) if layer_kind == "linear" else F.conv2d(x, delta, padding=1))
+        got = ly(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if k == m.directions().S.numel():  # everything kept: the trained module's own output
+        trained.apply_to()
+        with torch.no_grad():
+            torch.testing.assert_close(trained(x), want, rtol=1e-4, atol=1e-4)

@@ -166,7 +166,7 @@ class LoKrDirections(Directions):
 
         f = {s: tuple(t.shape) for s, t in self.module._factors().items()}
         name = self._cut_name()
-        out = {f"lokr_{s}": (f[s], dtype) for s in f if _uncut(s, name)}
+        out = {s: (tuple(t.shape), dtype) for s, t in self._kept_factor(k).items()}
         if self.cut == "w2_full" and not self._lowrank(k):
             out["lokr_w2"] = (f["w2"], dtype)
         elif "t2" in f:
@@ -189,7 +189,7 @@ class LoKrDirections(Directions):
         m, k, p = self.module, len(keep), self.product
         f = m._factors()
         name = self._cut_name()
-        out = {f"lokr_{s}": f[s] for s in f if _uncut(s, name)}
+        out = self._kept_factor(k)
         if not self._lowrank(k):  # a full W2 stays full: the rescale goes into it (no rank, scale 1)
             idx = torch.as_tensor(sorted(keep), dtype=torch.long, device=p.S.device)
             w2 = (p.U[:, idx] * (p.S[idx] * rescale)) @ p.Vh[idx]
@@ -208,6 +208,19 @@ class LoKrDirections(Directions):
             out["dora_scale"] = m.dora_scale.contiguous()
         return out
 
+    def _kept_factor(self, k: int) -> dict[str, torch.Tensor]:
+        """The Kronecker factor not cut, as written: copied, except that a split ``W1`` beside ``W2`` cut
+        to another rank is written full (``a x c``, tiny): LyCORIS keeps one rank for both split
+        factors, so the result is its usual layout (full ``w1``, split ``w2``) and loads at rank k."""
+        m = self.module
+        if self.cut == "w1":
+            return {"lokr_w2": m.w2}
+        if m.w1 is not None:
+            return {"lokr_w1": m.w1}
+        if m.w1_b.shape[0] == k:
+            return {"lokr_w1_a": m.w1_a, "lokr_w1_b": m.w1_b}
+        return {"lokr_w1": m.w1_a.detach().double() @ m.w1_b.detach().double()}
+
     def _cut_name(self) -> str:
         return "w1" if self.cut == "w1" else "w2"
 
@@ -221,11 +234,6 @@ class LoKrDirections(Directions):
             return k * rescale  # the old scale was 1
         rank = m.w2_b.shape[0] if m.t2 is not None else k
         return m.scale * rank * rescale
-
-
-def _uncut(suffix: str, cut: str) -> bool:
-    """Whether the factor ``suffix`` ("w1", "w2_a", "t2"...) belongs to the Kronecker factor not cut."""
-    return not suffix.startswith(cut) and not (cut == "w2" and suffix == "t2")
 
 
 def _shapes_incomplete(shapes: Mapping[str, tuple[int, ...]]) -> bool:
