@@ -12,8 +12,9 @@ Truncating ``P`` to the singular directions ``K`` gives ``P_K = U_K U_K^T P``. P
 magnitude so fp16 holds them). Tucker layout: ``a' = U_K^T`` ``(|K|, out)`` and the core
 ``t' = (U_K^T a^T) x_1 t`` ``(|K|, r', kh, kw)`` with ``b`` unchanged; that is exactly ``P_K``
 again (``U_K^T P = (U_K^T a^T) C``), the Tucker form kept, never larger than the input. The core
-is no longer square: ComfyUI's and A1111's einsum rebuilds read it, and so does our parser; the
-rank the scale divides by (``b``'s rows) is unchanged.
+is no longer square below full rank: ComfyUI's and A1111's einsum rebuilds read it, and so does
+our parser (the rank the scale divides by, ``b``'s rows, is unchanged), but lycoris-lora's own
+modules, built with one square ``(r, r)`` core, do not load it.
 """
 
 from __future__ import annotations
