@@ -196,7 +196,7 @@ def test_loha_full_keep_exact_with_rescale_and_alpha(tucker, tmp_path):
     m = _loha(9, tucker=tucker, alpha=1.0)  # scale 1/4
     d = m.directions()
     t = d.tensors(range(4), torch.float32, rescale=2.0)
-    assert float(t["alpha"]) == pytest.approx(2.0)  # scale * rank * rescale = 1/4 * 4 * 2
+    assert float(t["alpha"]) == pytest.approx(1.0) == d.alpha(4)  # scale * rank = 1/4 * 4: the rescale is in the factors
     got = _through_file(tmp_path, LoHaModule, t)
     want = 2.0 * m.delta()
     torch.testing.assert_close(got.delta().reshape(want.shape), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -153,6 +153,7 @@ class LoHaDirections(Directions):
         self.module, self.pairs, self.S = module, pairs, S
         self.old_rank = module.rank
         self.full_len = int(S.numel())
+        self.keep_one = module.dora_scale is not None  # DoRA's magnitude would be orphaned at rank 0
 
     def specs(self, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         import torch
@@ -182,17 +183,23 @@ class LoHaDirections(Directions):
         m, k = self.module, len(keep)
         out: dict[str, torch.Tensor] = {}
         for n, p, b in (("1", self.pairs[0], m.w1_b), ("2", self.pairs[1], m.w2_b)):
-            first, second = truncated(p, range(min(k, p.n)), rank=k)
+            first, second = truncated(p, range(min(k, p.n)), rank=k, factor=rescale if n == "1" else 1.0)
             if p.tucker is None:
                 out.update({f"hada_w{n}_a": first, f"hada_w{n}_b": second})
             else:
                 out.update({f"hada_w{n}_a": first, f"hada_t{n}": second, f"hada_w{n}_b": b})
         out = {s: t.detach().to("cpu", dtype).contiguous() for s, t in out.items()}
-        rank = k if m.t1 is None else m.rank  # Tucker keeps b, whose rows are the rank
-        out["alpha"] = torch.tensor(m.scale * rank * rescale, dtype=torch.float32)
+        out["alpha"] = torch.tensor(self.alpha(k), dtype=torch.float32)
         if m.dora_scale is not None:
             out["dora_scale"] = m.dora_scale.contiguous()
         return out
+
+
+    def alpha(self, k: int, *, kohya: bool = False) -> float:
+        """``scale * rank``: the old scale kept (a rescale goes into pair 1's factors); Tucker keeps
+        ``b``, whose rows stay the rank. ``kohya`` changes nothing: no sd-scripts twin."""
+        m = self.module
+        return m.scale * (k if m.t1 is None else m.rank)
 
 
 def hadamard_left_out_sq(p1: ProductSVD, p2: ProductSVD, scale: float) -> torch.Tensor:

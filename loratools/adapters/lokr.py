@@ -151,6 +151,7 @@ class LoKrDirections(Directions):
         self.module, self.cut, self.product, self.S = module, cut, product, S
         self.full_len = product.n
         self.old_rank = module.rank or product.n
+        self.keep_one = module.dora_scale is not None  # DoRA's magnitude would be orphaned at rank 0
 
     def _lowrank(self, k: int) -> bool:
         """Whether the cut factor is written as ``a @ b`` (always, unless a full ``W2`` is smaller)."""
@@ -175,7 +176,7 @@ class LoKrDirections(Directions):
         else:
             up = (self.product.U.shape[0], k)
             out.update({f"lokr_{name}_a": (up, dtype), f"lokr_{name}_b": ((k, self.product.Vh.shape[1]), dtype)})
-        if self._alpha(k, 1.0) is not None:
+        if self.alpha(k) is not None:
             out["alpha"] = ((), torch.float32)
         if self.module.dora_scale is not None:
             out["dora_scale"] = (tuple(self.module.dora_scale.shape), self.module.dora_scale.dtype)
@@ -195,13 +196,13 @@ class LoKrDirections(Directions):
             w2 = (p.U[:, idx] * (p.S[idx] * rescale)) @ p.Vh[idx]
             out["lokr_w2"] = w2.reshape(f["w2"].shape)
         elif "t2" in f:
-            a, core = truncated(p, keep)
+            a, core = truncated(p, keep, factor=rescale)
             out.update(lokr_w2_a=a, lokr_t2=core, lokr_w2_b=f["w2_b"])
         else:
-            up, down = truncated(p, keep)
+            up, down = truncated(p, keep, factor=rescale)
             out.update({f"lokr_{name}_a": up, f"lokr_{name}_b": down})
         out = {s: t.detach().to("cpu", dtype).contiguous() for s, t in out.items()}
-        alpha = self._alpha(k, rescale)
+        alpha = self.alpha(k)
         if alpha is not None:
             out["alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if m.dora_scale is not None:
@@ -224,16 +225,17 @@ class LoKrDirections(Directions):
     def _cut_name(self) -> str:
         return "w1" if self.cut == "w1" else "w2"
 
-    def _alpha(self, k: int, rescale: float) -> float | None:
-        """The alpha that keeps ``alpha / rank`` at the old scale times ``rescale``; None for a
-        module with no rank (both factors full: scale 1, alpha ignored by every loader)."""
+    def alpha(self, k: int, *, kohya: bool = False) -> float | None:
+        """The alpha that keeps ``alpha / rank`` at the old scale (a rescale goes into the factors);
+        the input's alpha for a module with no rank (both factors full: scale 1, alpha ignored by
+        every loader), None when it had none. ``kohya`` changes nothing: no sd-scripts twin."""
         m = self.module
         if self.cut == "w2_full":
             if not self._lowrank(k):
                 return m.alpha
-            return k * rescale  # the old scale was 1
+            return float(k)  # the old scale was 1
         rank = m.w2_b.shape[0] if m.t2 is not None else k
-        return m.scale * rank * rescale
+        return m.scale * rank
 
 
 def _shapes_incomplete(shapes: Mapping[str, tuple[int, ...]]) -> bool:

@@ -59,25 +59,28 @@ def product_svd(up: torch.Tensor, down: torch.Tensor, core: torch.Tensor | None 
     return ProductSVD(U, S, Vh, tucker=(up, t))
 
 
-def truncated(p: ProductSVD, keep: Sequence[int], rank: int | None = None) -> tuple[torch.Tensor, ...]:
-    """The factors of ``P`` truncated to the directions ``keep``: ``(up, down)`` in the plain layout,
-    ``(a', t')`` in the Tucker one (``b`` unchanged). ``rank`` pads with zero directions up to that
-    rank (a LoHa pair with fewer directions than its partner; the pair shares one rank)."""
+def truncated(p: ProductSVD, keep: Sequence[int], rank: int | None = None,
+              factor: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """The factors of ``factor * P`` truncated to the directions ``keep``: ``(up, down)`` in the plain
+    layout, ``(a', t')`` in the Tucker one (``b`` unchanged). ``rank`` pads with zero directions up to
+    that rank (a LoHa pair with fewer directions than its partner; the pair shares one rank).
+    ``factor`` is a recipe's ``rescale``: it goes into the factors, so the alpha depends on the rank
+    alone (``Directions.alpha(k)`` is known before any tensor)."""
     import torch
 
     idx = torch.as_tensor(sorted(keep), dtype=torch.long, device=p.S.device)
     U, s, Vh = p.U[:, idx], p.S[idx], p.Vh[idx]
     pad = (rank or len(idx)) - len(idx)
     if p.tucker is None:
-        root = s.clamp_min(0).sqrt()
-        up, down = U * root, root[:, None] * Vh
+        root = (s.clamp_min(0) * abs(factor)).sqrt()
+        up, down = U * (root * (1.0 if factor >= 0 else -1.0)), root[:, None] * Vh
         if pad:
             up = torch.cat([up, up.new_zeros(up.shape[0], pad)], 1)
             down = torch.cat([down, down.new_zeros(pad, down.shape[1])], 0)
         return up, down
     a, t = p.tucker
     a_new = U.T  # (k, m)
-    core = torch.einsum("ki,ijhw->kjhw", a_new @ a.T, t)
+    core = torch.einsum("ki,ijhw->kjhw", a_new @ a.T, t) * factor
     if pad:
         a_new = torch.cat([a_new, a_new.new_zeros(pad, a_new.shape[1])], 0)
         core = torch.cat([core, core.new_zeros(pad, *core.shape[1:])], 0)
