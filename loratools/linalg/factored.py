@@ -1,0 +1,106 @@
+"""Singular values of many low-rank products ``up @ down`` at once, from their r x r Gram matrices.
+
+``lowrank`` decomposes one product with two thin QRs (elias' ``fast_decompose``); a thousand
+layers cost a thousand Householder QRs of tall matrices plus per-call overhead, and most of that
+time is not arithmetic. Here every layer of one shape is handled in one batched call, and the
+tall matrices are touched by one matrix product each (BLAS-3, the fastest thing a CPU does):
+
+    Gu = up^T up = L L^T        (Cholesky; r x r)
+    Gd = down down^T            (r x r)
+    K  = L^T Gd L = Uc diag(S^2) Uc^T     (the eigenvalues of K are the squared singular values of
+                                           up @ down: K = M M^T with M = L^T R_d^T the QR core)
+
+so ``S`` needs two Gram products and two r x r factorisations per layer. The singular vectors
+are only needed for the directions a recipe keeps, and only when the file is written:
+``U = up L^-T Uc`` and ``V^T = diag(1/S) Uc^T L^T down``; ``Factored`` keeps the r x r pieces and
+``pieces`` gives the r x k and k x r matrices that turn ``up`` and ``down`` into them. Everything after the Gram products is float64, and the Gram products
+are float64 too (fp16/bf16/fp32 factors convert exactly), so ``S`` is more accurate than a float32
+QR: the error of ``S_i`` is ~1e-16 * S_0^2 / S_i against ~1e-7 * S_0.
+
+A factor whose Gram matrix is singular (an all-zero or rank-deficient ``up``; ``r`` above ``out``)
+cannot be Cholesky-factored; that layer takes a symmetric square root instead (``L = P sqrt(Lambda)``
+from ``Gu``'s eigendecomposition, inverted only on its positive eigenvalues), which is exact on
+the factor's range. Zero singular values come out as exact zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+#: Eigenvalues of a Gram matrix below this fraction of its largest count as zero (float64 noise).
+GRAM_FLOOR = 1e-13
+
+
+@dataclass(frozen=True)
+class Factored:
+    """The spectrum of one ``up @ down`` (unscaled) and what forms its singular vectors.
+
+    ``S`` has ``min(r, out, n)`` entries, descending; ``L`` (r x r) satisfies ``up^T up = L L^T``,
+    ``L_pinv_T`` is ``L^-T`` (or its pseudo-inverse on a singular factor), ``Uc`` (r x r) the
+    eigenvectors of ``K``, in the order of ``S``.
+    """
+
+    S: torch.Tensor
+    L: torch.Tensor
+    L_pinv_T: torch.Tensor
+    Uc: torch.Tensor
+
+    def pieces(self, keep: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, k], B [k, r])`` float64 with ``U[:, keep] = up @ A`` and ``Vh[keep] = B @ down``.
+
+        ``A = L^-T Uc`` and ``B = diag(1/S) Uc^T L^T``; a zero singular value has no direction
+        (its row of ``B`` is zero, and so is its contribution to ``U S Vh``). Forming the
+        vectors is one thin product per factor, done in the precision the caller needs.
+        """
+        idx = torch.as_tensor(list(keep), dtype=torch.long)
+        uc = self.Uc[:, idx]
+        s = self.S[idx]
+        inv = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+        return self.L_pinv_T @ uc, inv[:, None] * (uc.T @ self.L.T)
+
+
+def factored_svd(ups: torch.Tensor, downs: torch.Tensor) -> list[Factored]:
+    """``Factored`` of every ``ups[b] @ downs[b]`` in one batch.
+
+    Args:
+        ups: ``[B, out, r]`` (any float dtype).
+        downs: ``[B, r, n]``.
+
+    Returns:
+        One ``Factored`` per batch entry (CPU, float64 pieces, ``S`` float64).
+
+    Example:
+        >>> f = factored_svd(up[None], down[None])[0]
+        >>> A, B = f.pieces(range(f.S.numel()))
+        >>> torch.allclose((up.double() @ A) * f.S @ (B @ down.double()), (up @ down).double())
+        True
+    """
+    B, out, r = ups.shape
+    n = downs.shape[2]
+    u = ups.double()
+    d = downs.double()
+    gu = u.mT @ u
+    gd = d @ d.mT
+    del u, d
+    L, info = torch.linalg.cholesky_ex(gu)
+    bad = (info != 0).nonzero().flatten().tolist()
+    L_pinv_T = torch.linalg.solve_triangular(L.mT, torch.eye(r, dtype=L.dtype).expand(B, r, r).clone(), upper=True)
+    for b in bad:  # singular Gram: symmetric square root on the positive eigenvalues
+        lam, P = torch.linalg.eigh(gu[b])
+        pos = lam > max(float(lam[-1]), 0.0) * GRAM_FLOOR
+        root = torch.where(pos, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+        L[b] = P * root
+        L_pinv_T[b] = P * torch.where(pos, 1.0 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(lam))
+    K = L.mT @ gd @ L
+    K = (K + K.mT) / 2
+    lam, Uc = torch.linalg.eigh(K)  # ascending
+    lam, Uc = lam.flip(-1), Uc.flip(-1)
+    keep = min(r, out, n)
+    S = lam[:, :keep].clamp_min(0).sqrt()
+    floor = S[:, :1] * (GRAM_FLOOR ** 0.5)  # sqrt of eigenvalue noise: exactly zero, not 1e-9 * S_0
+    S = torch.where(S > floor, S, torch.zeros_like(S))
+    S, L, L_pinv_T, Uc = S.cpu(), L.cpu(), L_pinv_T.cpu(), Uc.cpu()
+    return [Factored(S[b], L[b], L_pinv_T[b], Uc[b]) for b in range(B)]
