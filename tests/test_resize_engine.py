@@ -116,7 +116,7 @@ def test_loha_lokr_kept_in_their_own_form(sd1_files, tmp_path):
     ckpt, ads = sd1_files
     rz = Resizer(ckpt, cache_dir=None)
     for kind in ("loha", "lokr"):
-        (o,) = rz.resize(ads[kind].path, "fro_ckpt=1,thr=-20", output=tmp_path / kind).outcomes
+        (o,) = rz.resize(ads[kind].path, "fro_ckpt=1,thr=-20", output=tmp_path).outcomes
         src, _ = _deltas(ads[kind].path)
         got, f = _deltas(o.path)
         assert {m.kind for m in f.modules.values()} == {kind} and set(got) == set(src)
@@ -132,7 +132,7 @@ def test_loha_lokr_cut_rank_leaves_out_what_strengths_say(sd1_files, tmp_path):
     # rank-4 LoHa: checked against the exact error below, never above it)
     ckpt, ads = sd1_files
     for kind in ("loha", "lokr"):
-        (o,) = Resizer(ckpt, cache_dir=None).resize(ads[kind].path, "rank=1", output=tmp_path / kind).outcomes
+        (o,) = Resizer(ckpt, cache_dir=None).resize(ads[kind].path, "rank=1", output=tmp_path).outcomes
         src = load_adapter(ads[kind].path)
         out = load_adapter(o.path)
         assert {m.kind for m in out.modules.values()} == {kind}

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 from loratools.adapters.base import (AdapterModule, apply_dora, read_alpha, require_join, require_ndim,
                                      require_shared, shape_error)
 from loratools.adapters.directions import Directions
+from loratools.adapters.reduce import one_thread
 
 if TYPE_CHECKING:
     import torch
@@ -134,6 +135,7 @@ class LoHaModule(AdapterModule):
         return out
 
 
+    @one_thread()
     def directions(self, device: str = "cpu") -> LoHaDirections:
         """Nested ranks of the two Hadamard pairs, strengths from the exact errors (module docstring)."""
         from loratools.adapters.reduce import antitonic, product_svd
@@ -175,6 +177,7 @@ class LoHaDirections(Directions):
             out["dora_scale"] = (tuple(m.dora_scale.shape), m.dora_scale.dtype)
         return out
 
+    @one_thread()
     def tensors(self, keep: Sequence[int], dtype: torch.dtype, rescale: float = 1.0) -> dict[str, torch.Tensor]:
         import torch
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from loratools.adapters.base import AdapterModule, apply_dora, read_alpha, require_join, require_ndim, require_shared
 from loratools.adapters.directions import Directions
+from loratools.adapters.reduce import one_thread
 
 if TYPE_CHECKING:
     import torch
@@ -118,6 +119,7 @@ class LoKrModule(AdapterModule):
         names = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
+    @one_thread()
     def directions(self, device: str = "cpu") -> LoKrDirections:
         """The directions of the low-rank Kronecker factor (module docstring), strengths exact."""
         import torch
@@ -182,6 +184,7 @@ class LoKrDirections(Directions):
             out["dora_scale"] = (tuple(self.module.dora_scale.shape), self.module.dora_scale.dtype)
         return out
 
+    @one_thread()
     def tensors(self, keep: Sequence[int], dtype: torch.dtype, rescale: float = 1.0) -> dict[str, torch.Tensor]:
         import torch
 
