@@ -89,6 +89,25 @@ def test_sd1_with_base_flag(tiny_sd1, tiny_sd1_ckpt, tmp_path):
     assert {m.kind for m in out.modules.values()} == {"loha"} and max(m.rank for m in out.modules.values()) <= 4
 
 
+def test_lokr_without_base_stays_lokr_and_smaller(tiny_sd1, tmp_path):
+    # issue 12 part 2 through the CLI: a checkpoint-free recipe on a LoKr writes a smaller LoKr whose
+    # every module leaves out exactly the strengths it dropped (dense check)
+    lora = make_lora(tiny_sd1, "sd1", "lokr", rank=4, alpha=2, dtype=torch.float32,
+                     path=tmp_path / "lokr.safetensors").path
+    (tmp_path / "out").mkdir()
+    rc, stdout, err = run("-r", "rank=1", lora, "-o", tmp_path / "out", cwd=tmp_path)
+    assert rc == 0, err
+    (written,) = (tmp_path / "out").iterdir()
+    assert written.name in stdout and written.stat().st_size < lora.stat().st_size
+    src, out = load_adapter(lora), load_adapter(written)
+    assert {m.kind for m in out.modules.values()} == {"lokr"} and set(out.modules) == set(src.modules)
+    for name, m in src.modules.items():
+        full = m.delta()
+        left_out = float((full - out.modules[name].delta().reshape(full.shape)).norm())
+        assert left_out == pytest.approx(float(m.directions().S[1:].double().norm()), rel=1e-4,
+                                         abs=1e-6 * float(full.norm()))
+
+
 @pytest.mark.parametrize("case", ["arch", "typo", "thr_and_size", "output_is_file"])
 def test_bad_inputs_clear_errors_and_no_files(case, sdxl, tiny_sd1_ckpt, tmp_path):
     ckpt, lora = sdxl
