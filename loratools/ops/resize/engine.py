@@ -214,7 +214,7 @@ class Resizer:
         if data_bytes(specs) > data_before and not self.allow_larger:
             outcome.status = "larger"
             return outcome
-        protected = [lora, *self._base_files()]
+        protected = [*([lora] if sha is not None else []), *self._base_files()]  # an in-memory input is no file
         check_output_path(path, overwrite=overwrite, protected=protected)
         if sha is not None:  # the source hash goes into the metadata: wait for it now
             digest["sha"] = sha.result()
