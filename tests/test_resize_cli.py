@@ -125,3 +125,31 @@ def test_bad_inputs_clear_errors_and_no_files(case, sdxl, tiny_sd1_ckpt, tmp_pat
             "output_is_file": "is a file"}[case] in line
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["afile"]
     assert sorted(p.name for p in lora.parent.iterdir()) == [lora.name]
+
+
+def test_larger_output_is_skipped_and_said_unless_allowed(sdxl, tmp_path):
+    """fp16 factors written as fp32 at full rank take twice the bytes: skipped (batch runs too), one
+    line naming the file and both sizes; --allow-larger writes it."""
+    ckpt, lora = sdxl
+    rc, stdout, err = run(ckpt, lora, "-r", "fro_ckpt=1,thr=-20", "--save_precision", "fp32", "-o", tmp_path,
+                          cwd=tmp_path)
+    assert rc == 0, err
+    (line,) = [ln for ln in stdout.splitlines() if "frockpt1" in ln]
+    assert "larger than the input's: not written; --allow-larger writes it" in line and " -> " in line
+    assert not list(tmp_path.glob("*.safetensors"))
+    rc, stdout, err = run(ckpt, lora, "-r", "fro_ckpt=1,thr=-20", "--save_precision", "fp32", "-o", tmp_path,
+                          "--allow-larger", "--json", cwd=tmp_path)
+    assert rc == 0, err
+    (out,) = json.loads(stdout)[0]["outputs"]
+    assert out["status"] == "written" and out["size_after"] > out["size_before"]
+
+
+def test_checkpoint_free_recipe_reads_no_base_weight(sdxl, tmp_path):
+    """spn_lora scores need no base norms: the norm cache stays empty (a cold run reads only headers)."""
+    ckpt, lora = sdxl
+    rc, stdout, err = run(ckpt, lora, "-r", "spn_lora=1,thr=-0.7", "-o", tmp_path, cwd=tmp_path)
+    assert rc == 0, err
+    assert list(tmp_path.glob("*spnlora1*.safetensors")) and not (tmp_path / "norms").exists()
+    rc, _, err = run(ckpt, lora, "-r", "fro_ckpt=1,thr=-3.55", "-o", tmp_path, cwd=tmp_path)
+    assert rc == 0, err
+    assert len(list((tmp_path / "norms").iterdir())) == 1

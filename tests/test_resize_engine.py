@@ -271,3 +271,21 @@ def test_stored_alpha_zero_is_warned_about(sd1_files, tmp_path):
     save_tensors(tmp_path / "alpha0.safetensors", tensors, dict(src.metadata))
     outcome = Resizer(ckpt, cache_dir=None).resize(tmp_path / "alpha0.safetensors", "sv_fro=0.9", dry_run=True)
     assert any("alpha" in w and alpha_key.split(".")[0] in w for w in outcome.warnings), outcome.warnings
+
+
+def test_open_adapter_resizes_like_its_file(sdxl_files, tmp_path):
+    """An already parsed adapter (merge --to-lora's result) resizes in memory to the same tensors as
+    the file it came from, with no file of its own (no source hash) and nothing left behind."""
+    ckpt, ad = sdxl_files
+    rz = Resizer(ckpt, cache_dir=tmp_path / "c")
+    (a,) = rz.resize(ad.path, "fro_ckpt=1,thr=-3", output=tmp_path / "from_file.safetensors").outcomes
+    opened = load_adapter(ad.path)
+    opened.path = tmp_path / "virtual" / "locon.safetensors"  # names the output; never read or written
+    (b,) = rz.resize(opened, "fro_ckpt=1,thr=-3", output=tmp_path / "in_memory.safetensors").outcomes
+    fa, fb = open_safetensors(a.path), open_safetensors(b.path)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=0)
+    assert json.loads(fb.metadata["loratools"])["source"]["sha256"] is None
+    assert json.loads(fa.metadata["loratools"])["source"]["sha256"] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "from_file.safetensors", "in_memory.safetensors"]

@@ -91,6 +91,15 @@ class BaseNorms:
                     self.cache.put(k, **f)
         return [(float(f["fro"]), float(f["spn"]) if want_spn else None) for f in found]
 
+    def cached_fro(self, targets: Sequence[Target]) -> list[float | None]:
+        """The cached Frobenius norm of each target, or None; reads nothing of the checkpoint."""
+        from loratools.ops.resize.cache import NormCache
+
+        if self.cache is None:
+            return [None] * len(targets)
+        hits = [self.cache.get(NormCache.key(t.component, t.key, t.rows)) or {} for t in targets]
+        return [h.get("fro") for h in hits]
+
     def _stream_fro(self, targets: Sequence[Target], progress: Callable[[int, int], None] | None,
                     ) -> list[float | None]:
         """Frobenius norms by ``io.stream`` where the bytes are on disk (None elsewhere)."""

@@ -82,8 +82,11 @@ def decompose(adapter: AdapterFile, base: BaseNorms | None, recipes: Sequence[Re
         want_spn = any(abs(r.weights.get("spn_ckpt", 0.0)) > 1e-6 for r in recipes)
         want_subspace = any(abs(r.weights.get("subspace", 0.0)) > 1e-6 for r in recipes)
         matched = [i for i, t in enumerate(targets) if t is not None]
-        norms = base.norms([targets[i] for i in matched], want_spn,
-                           (lambda done, total: progress("base norms", done, total)) if progress else None)
+        if any(r.needs_checkpoint for r in recipes):
+            norms = base.norms([targets[i] for i in matched], want_spn,
+                               (lambda done, total: progress("base norms", done, total)) if progress else None)
+        else:  # no score reads the base: the table's rle_ckpt shows what the cache knows (0 = unknown)
+            norms = [(fro or 0.0, None) for fro in base.cached_fro([targets[i] for i in matched])]
         for i, (fro, spn) in zip(matched, norms):
             proj = layers[i].d.projections(base.weight(targets[i])) if want_subspace else None
             layers[i].base = BaseRefs(fro=fro, spn=spn, subspace=proj)

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratools.errors import ArchitectureMismatchError, UsageError
+from loratools.errors import ArchitectureMismatchError, NonFiniteError, UsageError
 from loratools.io.dtypes import parse_dtype_name
 from loratools.ops.resize.outcome import LayerRow, LoraOutcome, RecipeOutcome
 from loratools.ops.resize.recipe import Recipe
@@ -117,7 +117,12 @@ class Resizer:
             self._check_arch(adapter, path)
             from loratools.ops.resize.decompose import decompose
 
-            layers, passthrough = decompose(adapter, self.base, recipes, self.device, result, progress)
+            try:
+                layers, passthrough = decompose(adapter, self.base, recipes, self.device, result, progress)
+            except NonFiniteError:
+                if given is None and not skip_nonfinite:
+                    _load(path, False, check=True)  # raises naming the tensor (parsing checked nothing)
+                raise
             if self.base is not None:
                 self.base.save()
             out_dtype = self._dtype(dtype, adapter)
@@ -209,7 +214,7 @@ class Resizer:
         if data_bytes(specs) > data_before and not self.allow_larger:
             outcome.status = "larger"
             return outcome
-        protected = [lora, *self._base_files()]
+        protected = [*([lora] if sha is not None else []), *self._base_files()]  # an in-memory input is no file
         check_output_path(path, overwrite=overwrite, protected=protected)
         if sha is not None:  # the source hash goes into the metadata: wait for it now
             digest["sha"] = sha.result()
@@ -269,10 +274,14 @@ def _existing(lora: Path, recipe: Recipe, out: Path | None, compat: bool) -> Rec
                          _total_rank(read_header(path)), float("nan"), 0)
 
 
-def _load(path: Path, skip_nonfinite: bool) -> AdapterFile:
+def _load(path: Path, skip_nonfinite: bool, *, check: bool = False) -> AdapterFile:
+    """The parsed LoRA. NaN/Inf factors are found by the decomposition itself (a non-finite
+    spectrum, no extra pass over the file); the parser checks every tensor only to skip such
+    modules, or (``check``) to name the tensor once the decomposition found one."""
     from loratools.adapters import load_adapter
 
-    return load_adapter(path, nonfinite="skip" if skip_nonfinite else "error",
+    policy = "skip" if skip_nonfinite else ("error" if check else "keep")
+    return load_adapter(path, nonfinite=policy,
                         nonfinite_fix="pass --skip-nonfinite to resize the rest without those modules")
 
 
