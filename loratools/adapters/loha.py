@@ -26,8 +26,11 @@ EXACTLY at every rank where ``H`` touches it, which is every rank whenever the g
 decrease (as when both pairs' singular values decay fast); at a rank inside a pooled block
 (one that gains less than the rank after it) the claimed left-out interpolates ``E^2`` linearly
 between the block's ends and is BELOW the exact ``E(k)``: a lower bound there, never an upper one.
-``E(0) = ||delta||_F``, so ``||S|| = ||delta||_F`` always. Random Gaussian factors (flat spectra)
-often pool.
+``E(0) = ||delta||_F``, so ``||S|| = ||delta||_F`` always. A pooled block has equal strengths, so
+equal scores: threshold recipes (``thr=``, ``size=``) keep or drop it whole and land on block ends,
+where the claim is exact; only fixed ranks, caps and kohya's criteria can cut inside a block. Flat
+spectra (random factors) pool into one block: rank k of a pair keeps ~k/r of it, so the product
+keeps ~(k/r)^2 of the delta, a convex gain, and such a LoHa is kept or dropped whole by thresholds.
 A LoHa cannot drop an inner rank: ``tensors(keep)`` builds rank ``len(keep)``, the first
 ``len(keep)`` directions; with ``S`` non-increasing every recipe scoring by ``S`` keeps a prefix.
 Converting to LoRA is never offered: the kept delta has rank up to k^2, which a LoRA stores in
