@@ -155,7 +155,7 @@ class LoHaDirections(Directions):
     kind = "loha"
 
     def __init__(self, module: LoHaModule, pairs: tuple[ProductSVD, ProductSVD], S: torch.Tensor) -> None:
-        self.module, self.pairs, self.S = module, pairs, S
+        self.module, self.pairs, self.S = module, (pairs[0].compact(), pairs[1].compact()), S
         self.old_rank = module.rank
         self.full_len = int(S.numel())
         self.keep_one = module.dora_scale is not None  # DoRA's magnitude would be orphaned at rank 0

@@ -137,7 +137,7 @@ class LoKrModule(AdapterModule):
             U, S, Vh = torch.linalg.svd(w2.reshape(w2.shape[0], -1), full_matrices=False)
             cut, p, other = "w2_full", ProductSVD(U, S, Vh), f["w1"]
         norm = float(torch.linalg.vector_norm(other.detach().double()))
-        return LoKrDirections(self, cut, p, (p.S * abs(self.scale) * norm).float().cpu())
+        return LoKrDirections(self, cut, p.compact(), (p.S * abs(self.scale) * norm).float().cpu())
 
 
 class LoKrDirections(Directions):
