@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from loratools.adapters.base import (AdapterModule, apply_dora, read_alpha, require_join, require_ndim,
                                      require_shared, shape_error)
 from loratools.adapters.directions import Directions
-from loratools.adapters.reduce import one_thread
+from loratools.threads import one_thread
 
 if TYPE_CHECKING:
     import torch

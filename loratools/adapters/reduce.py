@@ -19,31 +19,12 @@ modules, built with one square ``(r, r)`` core, do not load it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run a module's directions on one thread (also as a decorator); the caller's setting returns after.
-
-    A LoHa/LoKr module is a few dozen kernels on r x r cores and (out + in) x r^2 factors: torch's
-    thread pool adds only fan-out, and on a busy box its threads wait on each other. Measured on the
-    SDXL LoHa fixture's 1052 modules (2 cores, load 5): 45 s with two threads, 4.4 s with one.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
