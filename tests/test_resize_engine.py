@@ -147,6 +147,21 @@ def test_loha_lokr_cut_rank_leaves_out_what_strengths_say(sd1_files, tmp_path):
                 assert want <= err * (1 + 1e-4) + 1e-7
 
 
+def test_loha_lokr_size_budget_predicted_exactly(sd1_files, tmp_path):
+    # size= sizes the file from the types' specs() before any tensor is built: the dry run's
+    # prediction is the written file's size, within the budget
+    ckpt, ads = sd1_files
+    rz = Resizer(ckpt, cache_dir=None)
+    for kind in ("loha", "lokr"):
+        budget = ads[kind].path.stat().st_size / 2 / 2**20
+        recipe = f"fro_ckpt=1,size={budget:.4f}"
+        (dry,) = rz.resize(ads[kind].path, recipe, output=tmp_path, dry_run=True).outcomes
+        (o,) = rz.resize(ads[kind].path, recipe, output=tmp_path).outcomes
+        assert o.status == "written" and o.path.stat().st_size == dry.size_after <= budget * 2**20
+        assert 0 < o.rank_after < o.rank_before
+        assert {m.kind for m in load_adapter(o.path).modules.values()} == {kind}
+
+
 def test_dora_scale_kept(sd1_files, tmp_path):
     ckpt, ads = sd1_files
     (o,) = Resizer(ckpt, cache_dir=None).resize(ads["dora"].path, "rank=1", output=tmp_path).outcomes
