@@ -8,10 +8,11 @@ Cases: {locon64, locon256, lora32} x {fro: fro_ckpt=1,thr=-3.55; spn: spn_lora=1
 {cold, warm}. Each tool runs as its own process with this interpreter (elias: ``resize_lora.py``;
 ours: ``python -m loratools resize``), same base, LoRA and recipe, one output folder each.
 
-- cold: before EACH run both tools' norm caches are emptied (ours: the ``--cache-dir`` folder the
+- cold: before each cold run, that tool's norm cache is emptied (ours: the ``--cache-dir`` folder the
   bench gives it; elias: this base's entry in ``DIR/norms_cache.json``) and the base's and LoRA's
   pages are dropped from the page cache (fsync + ``posix_fadvise(DONTNEED)``; the bytes still
-  resident after the drop are checked with ``fincore`` when present and reported).
+  resident after the drop are checked with ``fincore`` when present and reported). The other
+  tool's cache is left alone (it does not matter to this run), so the warm pair finds both full.
 - warm: right after the cold pair: norm caches filled by it, files' pages in memory.
 
 Per run: wall seconds, peak RSS (``wait4`` rusage of that child) minus the peak RSS of a child that
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sdxl_inputs import LORAS, build_base, build_lora, needed_base_ranges  # noqa: E402
+from sdxl_inputs import LORAS, needed_base_ranges  # noqa: E402
 
 RECIPES = {"fro": "fro_ckpt=1,thr=-3.55", "spn": "spn_lora=1,thr=-0.7"}
 TOOLS = ("elias", "ours")
@@ -113,15 +115,18 @@ class Bench:
 
     # -- caches ----------------------------------------------------------------------------
 
-    def empty_caches(self) -> None:
-        shutil.rmtree(self.ours_cache, ignore_errors=True)
-        if self.elias_cache.is_file():  # keyed by the resolved base path; other bases' entries stay
+    def empty_cache(self, tool: str) -> None:
+        if tool == "ours":
+            shutil.rmtree(self.ours_cache, ignore_errors=True)
+        elif self.elias_cache.is_file():  # keyed by the resolved base path; other bases' entries stay
             data = json.loads(self.elias_cache.read_text())
             if data.pop(str(self.base), None) is not None:
                 self.elias_cache.write_text(json.dumps(data))
 
-    def go_cold(self, lora: Path) -> float | None:
-        self.empty_caches()
+    def go_cold(self, tool: str, lora: Path) -> float | None:
+        """Empty ``tool``'s norm cache (the other tool's does not matter to this run, and emptying it
+        would make the warm run after the pair cold again) and drop the files' pages."""
+        self.empty_cache(tool)
         for f in (self.base, lora):
             drop_pages(f)
         return resident_mb(self.base)
@@ -139,7 +144,7 @@ class Bench:
         out = self.work / "out" / case.id.replace("/", "-") / tool
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        resident = self.go_cold(lora) if cold else resident_mb(self.base)
+        resident = self.go_cold(tool, lora) if cold else resident_mb(self.base)
         run = run_child(self.command(tool, lora, RECIPES[case.recipe], out), out.with_suffix(".log"))
         run.resident_base_mb = resident
         found = sorted(out.glob("*.safetensors"))
@@ -219,8 +224,10 @@ def main() -> int:
     bench = Bench(args)
     load_before = os.getloadavg()
 
-    build_base(bench.base)
-    loras = {name: build_lora(args.workdir / f"{name}.safetensors", spec) for name, spec in LORAS.items()}
+    # Built by a child: this process must stay small, because a child's peak RSS starts at its
+    # parent's (subprocess spawns with vfork; exec keeps the old mm's high-water mark).
+    subprocess.run([sys.executable, str(Path(__file__).with_name("sdxl_inputs.py")), str(args.workdir)], check=True)
+    loras = {name: args.workdir / f"{name}.safetensors" for name in LORAS}
     torch_run = run_child([sys.executable, "-c", "import torch"], args.workdir / "torch-only.log")
     print(f"load {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; {os.cpu_count()} CPUs; "
           f"python -c 'import torch': {torch_run.seconds:.2f} s, peak RSS {torch_run.rss_mb:.0f} MB", flush=True)
@@ -255,6 +262,9 @@ def main() -> int:
     except ToolFailed as e:
         failed = str(e)
     load_after = os.getloadavg()
+    own_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if own_mb >= torch_run.rss_mb:
+        print(f"warning: this process peaked at {own_mb:.0f} MB, so children's peak RSS may be its own")
 
     print("\n| case | elias s | ours s | elias/ours | ranks identical | RSS above torch elias / ours MB "
           "| disk read elias / ours MB | LoRA MB |")
@@ -285,7 +295,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
-            "torch_import": asdict(torch_run), "references": references, "cases": rows, "failed": failed}, indent=1))
+            "torch_import": asdict(torch_run), "bench_process_rss_mb": own_mb, "references": references, "cases": rows, "failed": failed}, indent=1))
     if failed:
         print(f"FAILED: {failed}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@
   ``lora_lycoris_sdxl_locon.json`` (1052 modules; linear dim 8, 3x3 conv dim 64 or 256, alpha 4 as
   the real file), and ``lora32``: a kohya LoRA with the names of ``lora_kohya_sdxl_lora.json``
   (986 modules) at rank 32, alpha 16. Factors hold a decaying spectrum whose top direction is
-  1e-2.5..1e-1 of the base layer's norm, so both recipes keep varied ranks.
+  1e-3..1e-1.5 of the base layer's norm, so both recipes keep varied ranks.
 
 Each file gets a ``<file>.json`` sidecar with its size and generator version; a file is reused
 when both match, and rebuilt (atomically, by the io writer) otherwise.
@@ -26,6 +26,7 @@ from pathlib import Path
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 CKPT_FIXTURE = "ckpt_sdxl_single_file.json"
 _VERSION = 2  # bump when the generated contents change
+_SPECTRUM = "top-3..-1.5,decay.5..0.9"  # the LoRAs' singular values (see _factors)
 BASE_STD = 0.02
 
 
@@ -125,7 +126,8 @@ def _metadata(fx: dict, spec: LoraSpec) -> dict[str, str]:
 def build_lora(path: Path, spec: LoraSpec, log: Callable[[str], None] = print) -> Path:
     """One bench LoRA (reused when already built). Module ``(out, n)`` shapes are the fixture's;
     ranks and alphas are ``spec``'s."""
-    if _reusable(path, spec.name):
+    what = f"{spec.name}/{_SPECTRUM}"
+    if _reusable(path, what):
         return path
     import torch
 
@@ -154,7 +156,7 @@ def build_lora(path: Path, spec: LoraSpec, log: Callable[[str], None] = print) -
 
     log(f"building {path} ({spec.name}: {len(layers)} modules)")
     write_safetensors(path, specs, produce, _metadata(fx, spec), overwrite=True)
-    _record(path, spec.name)
+    _record(path, what)
     return path
 
 
@@ -167,8 +169,8 @@ def _factors(name: str, out: int, r: int, rest: list[int], alpha: float) -> dict
     g = _generator(name)
     qu, _ = torch.linalg.qr(torch.randn(out, r, generator=g))
     qd, _ = torch.linalg.qr(torch.randn(n, r, generator=g))
-    top = -2.5 + 1.5 * float(torch.rand((), generator=g))
-    decay = 0.55 + 0.37 * float(torch.rand((), generator=g))
+    top = -3.0 + 1.5 * float(torch.rand((), generator=g))
+    decay = 0.5 + 0.4 * float(torch.rand((), generator=g))
     s = BASE_STD * math.sqrt(out * n) * 10 ** top * (decay ** torch.arange(r, dtype=torch.float64) + 1e-4)
     raw = (s / (alpha / r)).sqrt().float()
     return {"lora_up.weight": (qu * raw).reshape(out, r, *([1] * (len(rest) - 1))).half(),
@@ -188,3 +190,19 @@ def needed_base_ranges(base: Path, lora: Path) -> list[tuple[str, int, int]]:
     keys = {index[n].key for n in names if n in index}
     infos = sorted((bh.tensors[k] for k in keys), key=lambda t: t.begin)
     return [(t.name, bh.data_offset + t.begin, t.nbytes) for t in infos]
+
+
+def build_all(work: Path) -> dict[str, Path]:
+    """The base and every bench LoRA in ``work``: ``{"base": path, lora name: path}``."""
+    paths = {"base": build_base(work / "base.safetensors")}
+    for name, spec in LORAS.items():
+        paths[name] = build_lora(work / f"{name}.safetensors", spec)
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    folder = Path(sys.argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    build_all(folder)
