@@ -21,7 +21,8 @@ compared per layer (layers matched through ``loratools.keys``' base targets). Re
 time to just read, sequentially, the base weights that the LoRA's modules map to (``loratools.keys``).
 Exit 1 when a tool fails (its stderr tail is printed); ratios below target are only reported.
 
-Run: ``python bench/bench_resize.py --elias ../resize_lora [--only locon64/fro] [--repeat 2] [--json out.json]``
+Run: ``python bench/bench_resize.py --elias ../resize_lora [--only locon64/fro] [--repeat 2] [--threads 1]
+[--json out.json]``
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ class Bench:
         self.base = (self.work / "base.safetensors").resolve()
         self.ours_cache = self.work / "ours-norm-cache"
         self.elias_cache = self.elias / "norms_cache.json"
+        self.env = None if not args.threads else {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+                                                  "MKL_NUM_THREADS": str(args.threads)}
 
     # -- caches ----------------------------------------------------------------------------
 
@@ -145,7 +148,7 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         resident = self.go_cold(tool, lora) if cold else resident_mb(self.base)
-        run = run_child(self.command(tool, lora, RECIPES[case.recipe], out), out.with_suffix(".log"))
+        run = run_child(self.command(tool, lora, RECIPES[case.recipe], out), out.with_suffix(".log"), self.env)
         run.resident_base_mb = resident
         found = sorted(out.glob("*.safetensors"))
         if len(found) != 1:
@@ -216,6 +219,9 @@ def main() -> int:
                                                "locon256/fro/cold (a warm case also runs its cold pair)")
     ap.add_argument("--repeat", type=int, default=1, help="pairs per case; tool order alternates (default 1)")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP/MKL threads of both tools (default: theirs). On a shared box, torch threads "
+                         "that outnumber the free cores spin: both tools ran 4-6x slower with 2 threads on 1 core")
     args = ap.parse_args()
     if not (args.elias / "resize_lora.py").is_file():
         ap.error(f"--elias {args.elias}: no resize_lora.py there")
@@ -294,7 +300,7 @@ def main() -> int:
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({
-            "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
+            "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(), "threads": args.threads,
             "torch_import": asdict(torch_run), "bench_process_rss_mb": own_mb, "references": references, "cases": rows, "failed": failed}, indent=1))
     if failed:
         print(f"FAILED: {failed}", file=sys.stderr)
