@@ -291,6 +291,12 @@ def main() -> int:
         if c.ranks["differ"]:
             shown = ", ".join(f"{n} {a} vs {b}" for n, a, b in c.ranks["differ"][:5])
             print(f"{c.id}: ranks differ (elias vs ours) on {len(c.ranks['differ'])} layers: {shown}")
+    for c in cases:  # a cold fro run must read its base weights from disk, unless another process cached them
+        need = references.get(c.lora, {}).get("mb") if c.recipe == "fro" and c.temp == "cold" else None
+        short = [f"{t} {r.read_mb:.0f} MB" for t in TOOLS for r in c.runs[t] if need and r.read_mb < 0.8 * need]
+        if short:
+            print(f"warning: {c.id} read less from disk than the {need:.0f} MB of base weights it needs "
+                  f"({', '.join(short)}): another process brought pages in; not a cold run")
     for lname, ref in references.items():
         print(f"reference {lname}: cold sequential read of {ref['mb']:.0f} MB of base weights {ref['seconds']:.1f} s")
     resid = [r.resident_base_mb for c in cases if c.temp == "cold" for t in TOOLS for r in c.runs[t]]
