@@ -75,15 +75,13 @@ class LoRADirections(Directions):
         keep = list(keep)
         k = len(keep) if rank is None else rank
         ws = self.weight_shape
-        out_n, n = self._up.shape[0], self._down.shape[1]
-        up = torch.zeros(out_n, k, dtype=torch.float32)
-        down = torch.zeros(k, n, dtype=torch.float32)
-        if keep:
-            U, Vh = self._f.pieces(keep)  # U = up @ U_piece, Vh = Vh_piece @ down
-            s = self.S[keep].double() * rescale / (abs(self._scale) or 1.0)
-            root = s.clamp_min(0).sqrt()
-            up[:, :len(keep)] = self._up.float() @ (U * root).float()
-            down[:len(keep)] = (root[:, None] * Vh).float() @ self._down.float()
+        U, Vh = self._f.pieces(keep)  # U = up @ U_piece, Vh = Vh_piece @ down
+        root = (self.S[keep].double() * rescale / (abs(self._scale) or 1.0)).clamp_min(0).sqrt()
+        up = self._up.float() @ (U * root).float()
+        down = (root[:, None] * Vh).float() @ self._down.float()
+        if k > len(keep):  # zero directions up to the rank asked for
+            up = torch.cat([up, up.new_zeros(up.shape[0], k - len(keep))], 1)
+            down = torch.cat([down, down.new_zeros(k - len(keep), down.shape[1])], 0)
         res = {"lora_up.weight": up.reshape((ws[0], k, 1, 1) if len(ws) == 4 else (ws[0], k)).to(dtype),
                "lora_down.weight": down.reshape(k, *ws[1:]).to(dtype),
                "alpha": torch.tensor(self.alpha(k, kohya=kohya), dtype=torch.float32)}
