@@ -51,7 +51,20 @@ print(time.perf_counter() - t)
 _OLD = """
 import sys, time, torch
 from loratools.adapters import load_adapter
-from loratools.linalg.lowrank import khatri_rao_factors, kron_factors, lowrank_svd, thin_factors
+from loratools.linalg.lowrank import lowrank_svd
+
+def khatri_rao_factors(a1, b1, a2, b2):  # (A1 B1) o (A2 B2) = (A1 * A2)(B1 * B2), rank r1 * r2
+    up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+    return up, (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+
+def kron(a, b):
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+
+def thin_factors(w):
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    keep = max(1, int((s > s[0] * 1e-7).sum()))
+    return u[:, :keep] * s[:keep], vh[:keep]
+
 f = load_adapter(sys.argv[1])
 mods = [f.modules[n] for n in sorted(f.modules)]
 step = max(1, len(mods) // int(sys.argv[2]))
@@ -62,7 +75,7 @@ for m in sample:
         up, down = khatri_rao_factors(m.w1_a.float(), m.w1_b.float(), m.w2_a.float(), m.w2_b.float())
     else:
         u1, d1 = thin_factors(m.w1.float())
-        up, down = kron_factors(u1, d1, m.w2_a.float(), m.w2_b.float())
+        up, down = kron(u1, m.w2_a.float()), kron(d1, m.w2_b.float())
     lowrank_svd(up, down, scale=m.scale)
 print((time.perf_counter() - t) * len(mods) / len(sample))
 """
