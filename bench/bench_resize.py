@@ -1,273 +1,318 @@
-"""Benchmark `loratools resize` against sd-scripts' dense full-SVD method on an SDXL-sized LoCon.
+"""Benchmark `loratools resize` against elias-gaeros/resize_lora, side by side, cold and warm.
 
-What it builds (nothing is downloaded):
+Needs a clone of elias-gaeros/resize_lora (``--elias DIR``) and ~8 GB of disk in the work folder
+(default /tmp/loratools-bench-resize) for the inputs ``bench/sdxl_inputs.py`` builds once: a random
+fp16 SDXL base (6.9 GB) and three SDXL adapters (LoCon conv dim 64 and 256, LoRA rank 32).
 
-- a LoCon with the exact module names and shapes of ``fixtures/lora_lycoris_sdxl_locon.json``
-  (the seed guide's LyCORIS run: linear dim 8, conv dim 256; 1052 modules), random factors with
-  a decaying spectrum, written as an fp16 .safetensors file in a work folder;
-- an SDXL-shaped base (the keys of ``fixtures/ckpt_sdxl_single_file.json``) whose weights are
-  generated on access, one at a time (seeded per key), so RAM stays bounded and no 7 GB file is
-  needed.
+Cases: {locon64, locon256, lora32} x {fro: fro_ckpt=1,thr=-3.55; spn: spn_lora=1,thr=-0.7} x
+{cold, warm}. Each tool runs as its own process with this interpreter (elias: ``resize_lora.py``;
+ours: ``python -m loratools resize``), same base, LoRA and recipe, one output folder each.
 
-What it measures:
+- cold: before each cold run, that tool's norm cache is emptied (ours: the ``--cache-dir`` folder the
+  bench gives it; elias: this base's entry in ``DIR/norms_cache.json``) and the base's and LoRA's
+  pages are dropped from the page cache (fsync + ``posix_fadvise(DONTNEED)``; the bytes still
+  resident after the drop are checked with ``fincore`` when present and reported). The other
+  tool's cache is left alone (it does not matter to this run), so the warm pair finds both full.
+- warm: right after the cold pair: norm caches filled by it, files' pages in memory.
 
-- our resize with ``sv_fro=0.9`` (no base needed) and ``fro_ckpt=1,thr=-3.55`` (cold norm cache:
-  every base weight generated and its exact norms computed; then warm, from the cache), each in a
-  fresh child process: wall time and peak RSS above a child that only imports torch;
-- sd-scripts' method (``up @ down`` formed, ``torch.linalg.svd(full_matrices=True)``) timed in this
-  run on one layer of every distinct shape, and extrapolated per layer (count of that shape) to
-  the whole file. The printout says so.
+Per run: wall seconds, peak RSS (``wait4`` rusage of that child) minus the peak RSS of a child that
+only imports torch, and MB read from disk (rusage ``ru_inblock``). Both outputs' kept ranks are
+compared per layer (layers matched through ``loratools.keys``' base targets). Reference: the cold
+time to just read, sequentially, the base weights that the LoRA's modules map to (``loratools.keys``).
+Exit 1 when a tool fails (its stderr tail is printed); ratios below target are only reported.
 
-Run: ``python bench/bench_resize.py [--workdir DIR] [--dense-max-shapes N]``.
+Run: ``python bench/bench_resize.py --elias ../resize_lora [--only locon64/fro] [--repeat 2] [--threads 1]
+[--json out.json]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import zlib
-from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-LORA_FIXTURE = "lora_lycoris_sdxl_locon.json"
-CKPT_FIXTURE = "ckpt_sdxl_single_file.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sdxl_inputs import LORAS, needed_base_ranges  # noqa: E402
+
+RECIPES = {"fro": "fro_ckpt=1,thr=-3.55", "spn": "spn_lora=1,thr=-0.7"}
+TOOLS = ("elias", "ours")
 
 
-def _fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
+@dataclass
+class Run:
+    """One child process: what it cost."""
+
+    seconds: float
+    rss_mb: float  # peak RSS, whole process
+    read_mb: float  # read from disk (not from the page cache)
+    resident_base_mb: float | None = None  # base bytes in the page cache when it started (cold: ~0)
+    output: str | None = None
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+@dataclass
+class Case:
+    lora: str
+    recipe: str
+    temp: str
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    ranks: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.lora}/{self.recipe}/{self.temp}"
 
 
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-def _modules(tensors: dict) -> dict[str, dict]:
-    mods: dict[str, dict] = {}
-    for key, info in tensors.items():
-        name, _, suffix = key.partition(".")
-        mods.setdefault(name, {})[suffix] = info["shape"]
-    return {n: m for n, m in mods.items() if "lora_down.weight" in m}
+class ToolFailed(RuntimeError):
+    pass
 
 
-def _layers() -> dict[str, tuple]:
-    """``name -> (out, n, rank)`` of the fixture's modules."""
-    return {name: (m["lora_up.weight"][0], math.prod(m["lora_down.weight"][1:]), m["lora_down.weight"][0])
-            for name, m in sorted(_modules(_fixture(LORA_FIXTURE)["tensors"]).items())}
+def run_child(cmd: list[str], log: Path, env: dict | None = None) -> Run:
+    """Run ``cmd`` to completion; wall time and this child's own rusage (``wait4``)."""
+    with open(log, "wb") as out:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise ToolFailed(f"{' '.join(cmd[:3])} ... exited {p.returncode}:\n{tail}")
+    return Run(seconds, ru.ru_maxrss / 1024, ru.ru_inblock * 512 / 1e6)
 
 
-def write_lora(path: Path) -> tuple[int, dict[str, tuple]]:
-    """The SDXL LoCon file; returns its size and ``name -> (out, n, rank)``."""
-    import torch
-
-    from loratools.io import TensorSpec, write_safetensors
-
-    fx = _fixture(LORA_FIXTURE)
-    mods = _modules(fx["tensors"])
-    layers = _layers()
-    specs = []
-    for name, m in sorted(mods.items()):
-        specs += [TensorSpec(f"{name}.lora_down.weight", torch.float16, tuple(m["lora_down.weight"])),
-                  TensorSpec(f"{name}.lora_up.weight", torch.float16, tuple(m["lora_up.weight"])),
-                  TensorSpec(f"{name}.alpha", torch.float16, ())]
-    cache: dict[str, dict] = {}
-
-    def produce(key: str):
-        name, _, suffix = key.partition(".")
-        if name not in cache:
-            cache.clear()
-            out, n, r = layers[name]
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            qu, _ = torch.linalg.qr(torch.randn(out, r, generator=g))
-            qd, _ = torch.linalg.qr(torch.randn(n, r, generator=g))
-            decay = 0.5 + 0.35 * float(torch.rand((), generator=g))
-            # effective sigma_0 ~ 5 % of a base layer's Frobenius norm (~sqrt(out) below)
-            s = 0.05 * math.sqrt(out) * decay ** torch.arange(r, dtype=torch.float32)
-            alpha = r / 2
-            raw = (s / (alpha / r)).sqrt()
-            shape_down = mods[name]["lora_down.weight"]
-            cache[name] = {"lora_up.weight": (qu * raw).reshape(mods[name]["lora_up.weight"]).half(),
-                           "lora_down.weight": (raw[:, None] * qd.T).reshape(shape_down).half(),
-                           "alpha": torch.tensor(alpha, dtype=torch.float16)}
-        return cache[name].pop(suffix)
-
-    written = write_safetensors(path, specs, produce, fx.get("metadata") or {}, overwrite=True)
-    return written.size, layers
+def drop_pages(path: Path) -> None:
+    """Evict ``path`` from the page cache (written back first, so no dirty page stays)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
-def lazy_sdxl_base():
-    """An SDXL single-file ``ModelSource`` whose tensors are generated when read."""
-    from collections.abc import Mapping
-
-    import torch
-
-    from loratools.io import ModelSource
-
-    shapes = {k: tuple(v["shape"]) for k, v in _fixture(CKPT_FIXTURE)["tensors"].items()}
-
-    class Generated(Mapping):
-        seconds = 0.0  # time spent making random weights: bench overhead, not resize work
-
-        def __getitem__(self, key):
-            t0 = time.perf_counter()
-            shape = shapes[key]
-            g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-            w = (torch.randn(shape, generator=g) / math.sqrt(fan_in)).half()
-            Generated.seconds += time.perf_counter() - t0
-            return w
-
-        def __iter__(self):
-            return iter(shapes)
-
-        def __len__(self):
-            return len(shapes)
-
-    class Source(ModelSource):
-        def key_shapes(self, component: str = "") -> dict:
-            return dict(shapes)
-
-    return Source(Path("sdxl-generated.safetensors"), "single_file", {"": Generated()}, {})
+def resident_mb(path: Path) -> float | None:
+    """Bytes of ``path`` in the page cache, by util-linux ``fincore`` (None without it)."""
+    if not shutil.which("fincore"):
+        return None
+    p = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                       capture_output=True, text=True)
+    return int(p.stdout.split()[0]) / 1e6 if p.returncode == 0 and p.stdout.strip() else None
 
 
-# ---------------------------------------------------------------------------------------------
-# children (fresh processes, so peak RSS is the run's own)
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.work: Path = args.workdir
+        self.elias: Path = args.elias.resolve()
+        self.base = (self.work / "base.safetensors").resolve()
+        self.ours_cache = self.work / "ours-norm-cache"
+        self.elias_cache = self.elias / "norms_cache.json"
+        self.env = None if not args.threads else {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+                                                  "MKL_NUM_THREADS": str(args.threads)}
 
-def child(args: argparse.Namespace) -> None:
-    import torch  # the RSS baseline is an interpreter with torch imported
+    # -- caches ----------------------------------------------------------------------------
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def empty_cache(self, tool: str) -> None:
+        if tool == "ours":
+            shutil.rmtree(self.ours_cache, ignore_errors=True)
+        elif self.elias_cache.is_file():  # keyed by the resolved base path; other bases' entries stay
+            data = json.loads(self.elias_cache.read_text())
+            if data.pop(str(self.base), None) is not None:
+                self.elias_cache.write_text(json.dumps(data))
 
-    if args.child == "baseline":
-        print(json.dumps({"rss_mb": _peak_rss_mb()}))
-        return
-    from loratools.ops.resize import Resizer
+    def go_cold(self, tool: str, lora: Path) -> float | None:
+        """Empty ``tool``'s norm cache (the other tool's does not matter to this run, and emptying it
+        would make the warm run after the pair cold again) and drop the files' pages."""
+        self.empty_cache(tool)
+        for f in (self.base, lora):
+            drop_pages(f)
+        return resident_mb(self.base)
 
-    t0 = time.perf_counter()
-    base = lazy_sdxl_base() if args.child == "ckpt" else None
-    rz = Resizer(base, cache_dir=None)
-    if args.child == "ckpt" and args.norm_cache:
-        from loratools.ops.resize.cache import NormCache
+    # -- tools -----------------------------------------------------------------------------
 
-        rz.cache = NormCache(Path(args.norm_cache), "generated-sdxl")
-    res = rz.resize(args.lora, args.recipe, output=args.out, overwrite=True)
-    o = res.outcomes[0]
-    gen = type(base.components[""]).seconds if base is not None else 0.0
-    print(json.dumps({"seconds": time.perf_counter() - t0 - gen, "generation_s": gen, "rss_mb": _peak_rss_mb(),
-                      "summary": o.summary_line(), "size_after": o.size_after}))
+    def command(self, tool: str, lora: Path, recipe: str, out: Path) -> list[str]:
+        if tool == "elias":
+            return [sys.executable, str(self.elias / "resize_lora.py"), str(self.base), str(lora), "-o", str(out),
+                    "-r", recipe, "-d", "cpu"]
+        return [sys.executable, "-m", "loratools", "resize", "-o", str(out), "-r", recipe, "--cache-dir",
+                str(self.ours_cache), "--overwrite", str(self.base), str(lora)]
 
+    def run_tool(self, tool: str, case: Case, lora: Path, cold: bool) -> Run:
+        out = self.work / "out" / case.id.replace("/", "-") / tool
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        resident = self.go_cold(tool, lora) if cold else resident_mb(self.base)
+        run = run_child(self.command(tool, lora, RECIPES[case.recipe], out), out.with_suffix(".log"), self.env)
+        run.resident_base_mb = resident
+        found = sorted(out.glob("*.safetensors"))
+        if len(found) != 1:
+            raise ToolFailed(f"{tool} wrote {len(found)} .safetensors files in {out}, expected 1")
+        run.output = str(found[0])
+        return run
 
-def _run_child(kind: str, lora: Path, recipe: str, out: Path, threads: int, norm_cache: Path | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--lora", str(lora), "--recipe", recipe, "--out", str(out),
-           "--threads", str(threads)]
-    if norm_cache is not None:
-        cmd += ["--norm-cache", str(norm_cache)]
-    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-# ---------------------------------------------------------------------------------------------
-# sd-scripts' dense method
-
-def dense_seconds(out: int, n: int, r: int) -> float:
-    """One layer the sd-scripts way: form up @ down, full SVD with square U and Vh."""
-    import torch
-
-    g = torch.Generator().manual_seed(out * 7 + n)
-    up, down = torch.randn(out, r, generator=g), torch.randn(r, n, generator=g)
-    t0 = time.perf_counter()
-    U, S, Vh = torch.linalg.svd(up @ down, full_matrices=True)
-    k = min(8, S.numel())
-    _ = (U[:, :k] * S[:k]) @ Vh[:k]
-    return time.perf_counter() - t0
-
-
-def dense_estimate(layers: dict[str, tuple], max_shapes: int) -> tuple[float, list[tuple]]:
-    """Sum over layers of the measured time of their shape; unmeasured shapes (beyond
-    ``max_shapes``, smallest first) are scaled from the measured ones by flops (m n min(m, n))."""
-    counts = Counter(layers.values())
-    shapes = sorted(counts, key=lambda s: s[0] * s[1] * min(s[0], s[1]), reverse=True)
-    measured = {s: dense_seconds(*s) for s in shapes[:max_shapes]}
-    rate = sum(measured.values()) / sum(s[0] * s[1] * min(s[0], s[1]) for s in measured)
-    total = 0.0
-    rows = []
-    for s in shapes:
-        t = measured.get(s, rate * s[0] * s[1] * min(s[0], s[1]))
-        total += t * counts[s]
-        rows.append((s, counts[s], t, s in measured))
-    return total, rows
+    def reference_read(self, lora: Path) -> dict:
+        """Cold sequential read of the base weights ``lora``'s modules map to."""
+        ranges = needed_base_ranges(self.base, lora)
+        drop_pages(self.base)
+        buf = bytearray(64 << 20)
+        view = memoryview(buf)
+        t0 = time.perf_counter()
+        with open(self.base, "rb", buffering=0) as f:
+            for _, offset, size in ranges:
+                f.seek(offset)
+                while size:
+                    size -= f.readinto(view[:min(size, len(buf))])
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "tensors": len(ranges), "mb": sum(r[2] for r in ranges) / 1e6}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--dense-max-shapes", type=int, default=100,
-                    help="time the dense method on at most this many distinct shapes (largest first)")
+def kept_ranks(path: str | Path) -> dict[str, int]:
+    """Module name -> kept rank (``lora_down``'s first dim) from a safetensors header."""
+    from loratools.io import read_header
+
+    return {k.removesuffix(".lora_down.weight"): t.shape[0] for k, t in read_header(path).tensors.items()
+            if k.endswith(".lora_down.weight")}
+
+
+def compare_ranks(a: dict[str, int], b: dict[str, int], modules: list[str], target=lambda n: n) -> dict:
+    """Per input module, the rank each output kept (a module absent from an output kept 0; modules
+    are matched by ``target``, the base weight they change, so renamed outputs still compare)."""
+    by_a = {target(n): r for n, r in a.items()}
+    by_b = {target(n): r for n, r in b.items()}
+    differ = [(n, by_a.get(target(n), 0), by_b.get(target(n), 0)) for n in modules
+              if by_a.get(target(n), 0) != by_b.get(target(n), 0)]
+    return {"identical": len(modules) - len(differ), "modules": len(modules), "differ": differ,
+            "kept_total": [sum(by_a.get(target(n), 0) for n in modules), sum(by_b.get(target(n), 0) for n in modules)]}
+
+
+def _target_of(base: Path):
+    from loratools.io import read_header
+    from loratools.keys.index import BaseIndex
+
+    index = BaseIndex.from_key_shapes({k: tuple(t.shape) for k, t in read_header(base).tensors.items()})
+    return lambda n: (index[n].key, index[n].rows) if n in index else n
+
+
+def _selected(case_id: str, only: list[str]) -> bool:
+    parts = case_id.split("/")
+    return not only or any(all(p in parts for p in o.split("/")) for o in only)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Needs ~8 GB of disk in --workdir (inputs are built once and reused).")
+    ap.add_argument("--elias", type=Path, required=True, help="clone of elias-gaeros/resize_lora")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratools-bench-resize"),
+                    help="inputs and outputs (~8 GB; default %(default)s)")
+    ap.add_argument("--only", default="", help="comma-separated case filters, e.g. locon64, lora32/spn, "
+                                               "locon256/fro/cold (a warm case also runs its cold pair)")
+    ap.add_argument("--repeat", type=int, default=1, help="pairs per case; tool order alternates (default 1)")
+    ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads for both methods (0: torch's default); on a shared, loaded machine 1 "
-                         "avoids thread contention dominating the small QR/SVD calls")
-    ap.add_argument("--norm-cache-dir", type=Path, default=None,
-                    help="reuse the norm cache of an earlier run (skips the slow cold run)")
-    ap.add_argument("--child", choices=("baseline", "free", "ckpt"), help=argparse.SUPPRESS)
-    ap.add_argument("--lora", help=argparse.SUPPRESS)
-    ap.add_argument("--recipe", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--norm-cache", help=argparse.SUPPRESS)
+                    help="OMP/MKL threads of both tools (default: theirs). On a shared box, torch threads "
+                         "that outnumber the free cores spin: both tools ran 4-6x slower with 2 threads on 1 core")
     args = ap.parse_args()
-    if args.child:
-        child(args)
-        return
-    import torch
+    if not (args.elias / "resize_lora.py").is_file():
+        ap.error(f"--elias {args.elias}: no resize_lora.py there")
+    only = [o for o in args.only.split(",") if o]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    load_before = os.getloadavg()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_resize_"))
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "out").mkdir(exist_ok=True)
-    lora = work / "sdxl_locon_d8_c256.safetensors"
-    t0 = time.perf_counter()
-    size, layers = write_lora(lora) if not lora.exists() else (lora.stat().st_size, _layers())
-    print(f"LoRA: {len(layers)} modules (SDXL LyCORIS LoCon names/shapes, linear dim 8, conv dim 256), "
-          f"{size / 2**20:.1f} MiB fp16, ready in {time.perf_counter() - t0:.1f} s; torch threads "
-          f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")
-    base_rss = _run_child("baseline", lora, "", work, args.threads)["rss_mb"]
-    print(f"interpreter with torch imported: peak RSS {base_rss:.0f} MB")
+    # Built by a child: this process must stay small, because a child's peak RSS starts at its
+    # parent's (subprocess spawns with vfork; exec keeps the old mm's high-water mark).
+    subprocess.run([sys.executable, str(Path(__file__).with_name("sdxl_inputs.py")), str(args.workdir)], check=True)
+    loras = {name: args.workdir / f"{name}.safetensors" for name in LORAS}
+    torch_run = run_child([sys.executable, "-c", "import torch"], args.workdir / "torch-only.log")
+    print(f"load {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; {os.cpu_count()} CPUs; "
+          f"python -c 'import torch': {torch_run.seconds:.2f} s, peak RSS {torch_run.rss_mb:.0f} MB", flush=True)
 
-    cache = args.norm_cache_dir or work / "norm-cache"
-    runs = [("sv_fro=0.9", "free", None), ("fro_ckpt=1,thr=-3.55 (cold norm cache)", "ckpt", cache),
-            ("fro_ckpt=1,thr=-3.55 (warm norm cache)", "ckpt", cache)]
-    if args.norm_cache_dir:  # filled by an earlier run: the cold run is skipped
-        del runs[1]
-    results = []
-    for label, kind, cache in runs:
-        r = _run_child(kind, lora, label.split(" ")[0], work / "out", args.threads, cache)
-        results.append((label, r))
-        gen = f" (+{r['generation_s']:.0f} s generating the random base, not counted)" if r.get("generation_s") else ""
-        print(f"ours {label}: {r['seconds']:.1f} s{gen}, peak RSS +{r['rss_mb'] - base_rss:.0f} MB above torch "
-              f"(target <= LoRA {size / 2**20:.0f} MB + 300 MB)\n    {r['summary']}")
+    target = _target_of(bench.base)
+    cases: list[Case] = []
+    references: dict[str, dict] = {}
+    failed = None
+    try:
+        for lname, lora in loras.items():
+            plan = [rid for rid in RECIPES if any(_selected(f"{lname}/{rid}/{t}", only) for t in ("cold", "warm"))]
+            if not plan:
+                continue
+            if "fro" in plan:
+                references[lname] = ref = bench.reference_read(lora)
+                print(f"{lname}: cold read of the {ref['tensors']} base weights it maps to ({ref['mb']:.0f} MB): "
+                      f"{ref['seconds']:.1f} s", flush=True)
+            modules = sorted(kept_ranks(lora))
+            for rid in plan:
+                cold, warm = Case(lname, rid, "cold"), Case(lname, rid, "warm")
+                for rep in range(args.repeat):
+                    order = TOOLS if rep % 2 == 0 else TOOLS[::-1]
+                    for case in (cold, warm):
+                        for tool in order:
+                            run = bench.run_tool(tool, case, lora, cold=case is cold)
+                            case.runs.setdefault(tool, []).append(run)
+                            print(f"  {case.id} {tool}: {run.seconds:.1f} s, RSS {run.rss_mb:.0f} MB, "
+                                  f"read {run.read_mb:.0f} MB", flush=True)
+                        outs = [kept_ranks(case.runs[t][-1].output) for t in TOOLS]
+                        case.ranks = compare_ranks(*outs, modules, target)
+                cases += [c for c in (cold, warm) if _selected(c.id, only)]
+    except ToolFailed as e:
+        failed = str(e)
+    load_after = os.getloadavg()
+    own_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if own_mb >= torch_run.rss_mb:
+        print(f"warning: this process peaked at {own_mb:.0f} MB, so children's peak RSS may be its own")
 
-    t0 = time.perf_counter()
-    dense_total, rows = dense_estimate(layers, args.dense_max_shapes)
-    n_meas = sum(1 for r in rows if r[3])
-    print(f"sd-scripts dense full SVD: measured {n_meas} of {len(rows)} distinct shapes in this run "
-          f"({time.perf_counter() - t0:.0f} s), extrapolated per layer by shape count: "
-          f"{dense_total:.0f} s for all {len(layers)} layers")
-    for (out, n, r), count, t, meas in rows[:6]:
-        print(f"    {out}x{n} rank {r}: {t:.2f} s x {count}{'' if meas else ' (scaled by flops)'}")
-    for label, r in results:
-        print(f"speed ratio vs dense, {label}: {dense_total / r['seconds']:.0f}x (target >= 50x)")
+    print("\n| case | elias s | ours s | elias/ours | ranks identical | RSS above torch elias / ours MB "
+          "| disk read elias / ours MB | LoRA MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for c in cases:
+        e, o = (_median([r.seconds for r in c.runs[t]]) for t in TOOLS)
+        rss = [max(r.rss_mb for r in c.runs[t]) - torch_run.rss_mb for t in TOOLS]
+        rd = [_median([r.read_mb for r in c.runs[t]]) for t in TOOLS]
+        size = Path(loras[c.lora]).stat().st_size / 1e6
+        rk = c.ranks
+        rows.append({"case": c.id, "elias_s": e, "ours_s": o, "ratio": e / o, "rss_above_torch_mb": rss,
+                     "read_mb": rd, "lora_mb": size, "ranks": rk,
+                     "runs": {t: [asdict(r) for r in c.runs[t]] for t in TOOLS}})
+        print(f"| {c.id} | {e:.1f} | {o:.1f} | {e / o:.2f}x | {rk['identical']}/{rk['modules']} | "
+              f"{rss[0]:.0f} / {rss[1]:.0f} | {rd[0]:.0f} / {rd[1]:.0f} | {size:.0f} |")
+    for c in cases:
+        if c.ranks["differ"]:
+            shown = ", ".join(f"{n} {a} vs {b}" for n, a, b in c.ranks["differ"][:5])
+            print(f"{c.id}: ranks differ (elias vs ours) on {len(c.ranks['differ'])} layers: {shown}")
+    for c in cases:  # a cold fro run must read its base weights from disk, unless another process cached them
+        need = references.get(c.lora, {}).get("mb") if c.recipe == "fro" and c.temp == "cold" else None
+        short = [f"{t} {r.read_mb:.0f} MB" for t in TOOLS for r in c.runs[t] if need and r.read_mb < 0.8 * need]
+        if short:
+            print(f"warning: {c.id} read less from disk than the {need:.0f} MB of base weights it needs "
+                  f"({', '.join(short)}): another process brought pages in; not a cold run")
+    for lname, ref in references.items():
+        print(f"reference {lname}: cold sequential read of {ref['mb']:.0f} MB of base weights {ref['seconds']:.1f} s")
+    resid = [r.resident_base_mb for c in cases if c.temp == "cold" for t in TOOLS for r in c.runs[t]]
+    if resid and resid[0] is not None:
+        print(f"base pages resident at the start of cold runs (fincore): at most {max(resid):.0f} MB")
+    print(f"load before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(), "threads": args.threads,
+            "torch_import": asdict(torch_run), "bench_process_rss_mb": own_mb, "references": references, "cases": rows, "failed": failed}, indent=1))
+    if failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,6 @@ import torch
 from loratools.linalg.lowrank import (
     balanced_factors,
     contract_tucker,
-    khatri_rao_factors,
-    kron_factors,
     lowrank_svd,
 )
 from loratools.linalg.norms import frobenius_norm, spectral_norm
@@ -65,23 +63,6 @@ def test_tucker_contracted_before_svd():
     delta = torch.einsum("oa,abhw,bi->oihw", up.flatten(1), mid, down.flatten(1))
     _check(up, down, mid, 0.25, 0.25 * delta)
     assert contract_tucker(mid, down).shape == (4, 7, 3, 3)
-
-
-def test_loha_khatri_rao_factors_are_exact():
-    g = torch.Generator().manual_seed(6)
-    a1, b1, a2, b2 = (torch.randn(9, 3, generator=g), torch.randn(3, 11, generator=g),
-                      torch.randn(9, 2, generator=g), torch.randn(2, 11, generator=g))
-    up, down = khatri_rao_factors(a1, b1, a2, b2)
-    assert up.shape == (9, 6) and down.shape == (6, 11)
-    assert torch.allclose(up @ down, (a1 @ b1) * (a2 @ b2), atol=1e-5)
-
-
-def test_lokr_kron_factors_are_exact():
-    g = torch.Generator().manual_seed(7)
-    w1 = torch.randn(2, 3, generator=g)
-    a, b = torch.randn(4, 2, generator=g), torch.randn(2, 5, generator=g)
-    up, down = kron_factors(w1, torch.eye(3), a, b)
-    assert torch.allclose(up @ down, torch.kron(w1, a @ b), atol=1e-5)
 
 
 def test_balanced_factors_share_sqrt_sigma():

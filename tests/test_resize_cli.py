@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from loratools.adapters import load_adapter
 from loratools.io import open_safetensors
 from loratools.tiny import make_lora
 
@@ -83,7 +84,28 @@ def test_sd1_with_base_flag(tiny_sd1, tiny_sd1_ckpt, tmp_path):
     rc, stdout, err = run("-b", tiny_sd1_ckpt, "-r", "fro_ckpt=1,thr=-2.5", str(tmp_path / "*.safetensors"),
                           "-o", tmp_path, cwd=tmp_path)
     assert rc == 0, err
-    assert "converted" in err and "loha_frockpt1_th-2.5.safetensors" in stdout
+    assert "loha_frockpt1_th-2.5.safetensors" in stdout
+    out = load_adapter(tmp_path / "loha_frockpt1_th-2.5.safetensors")  # issue 12: the LoHa stays a LoHa
+    assert {m.kind for m in out.modules.values()} == {"loha"} and max(m.rank for m in out.modules.values()) <= 4
+
+
+def test_lokr_without_base_stays_lokr_and_smaller(tiny_sd1, tmp_path):
+    # issue 12 part 2 through the CLI: a checkpoint-free recipe on a LoKr writes a smaller LoKr whose
+    # every module leaves out exactly the strengths it dropped (dense check)
+    lora = make_lora(tiny_sd1, "sd1", "lokr", rank=4, alpha=2, dtype=torch.float32,
+                     path=tmp_path / "lokr.safetensors").path
+    (tmp_path / "out").mkdir()
+    rc, stdout, err = run("-r", "rank=1", lora, "-o", tmp_path / "out", cwd=tmp_path)
+    assert rc == 0, err
+    (written,) = (tmp_path / "out").iterdir()
+    assert written.name in stdout and written.stat().st_size < lora.stat().st_size
+    src, out = load_adapter(lora), load_adapter(written)
+    assert {m.kind for m in out.modules.values()} == {"lokr"} and set(out.modules) == set(src.modules)
+    for name, m in src.modules.items():
+        full = m.delta()
+        left_out = float((full - out.modules[name].delta().reshape(full.shape)).norm())
+        assert left_out == pytest.approx(float(m.directions().S[1:].double().norm()), rel=1e-4,
+                                         abs=1e-6 * float(full.norm()))
 
 
 @pytest.mark.parametrize("case", ["arch", "typo", "thr_and_size", "output_is_file"])
@@ -103,3 +125,31 @@ def test_bad_inputs_clear_errors_and_no_files(case, sdxl, tiny_sd1_ckpt, tmp_pat
             "output_is_file": "is a file"}[case] in line
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["afile"]
     assert sorted(p.name for p in lora.parent.iterdir()) == [lora.name]
+
+
+def test_larger_output_is_skipped_and_said_unless_allowed(sdxl, tmp_path):
+    """fp16 factors written as fp32 at full rank take twice the bytes: skipped (batch runs too), one
+    line naming the file and both sizes; --allow-larger writes it."""
+    ckpt, lora = sdxl
+    rc, stdout, err = run(ckpt, lora, "-r", "fro_ckpt=1,thr=-20", "--save_precision", "fp32", "-o", tmp_path,
+                          cwd=tmp_path)
+    assert rc == 0, err
+    (line,) = [ln for ln in stdout.splitlines() if "frockpt1" in ln]
+    assert "larger than the input's: not written; --allow-larger writes it" in line and " -> " in line
+    assert not list(tmp_path.glob("*.safetensors"))
+    rc, stdout, err = run(ckpt, lora, "-r", "fro_ckpt=1,thr=-20", "--save_precision", "fp32", "-o", tmp_path,
+                          "--allow-larger", "--json", cwd=tmp_path)
+    assert rc == 0, err
+    (out,) = json.loads(stdout)[0]["outputs"]
+    assert out["status"] == "written" and out["size_after"] > out["size_before"]
+
+
+def test_checkpoint_free_recipe_reads_no_base_weight(sdxl, tmp_path):
+    """spn_lora scores need no base norms: the norm cache stays empty (a cold run reads only headers)."""
+    ckpt, lora = sdxl
+    rc, stdout, err = run(ckpt, lora, "-r", "spn_lora=1,thr=-0.7", "-o", tmp_path, cwd=tmp_path)
+    assert rc == 0, err
+    assert list(tmp_path.glob("*spnlora1*.safetensors")) and not (tmp_path / "norms").exists()
+    rc, _, err = run(ckpt, lora, "-r", "fro_ckpt=1,thr=-3.55", "-o", tmp_path, cwd=tmp_path)
+    assert rc == 0, err
+    assert len(list((tmp_path / "norms").iterdir())) == 1

@@ -18,7 +18,7 @@ raise ``InvalidFileError`` naming the module and the shapes, whether the caller 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -185,6 +185,12 @@ class AdapterModule:
         """This module's delta as ranked directions in its own form (``adapters.directions``),
         computed on ``device``; None for types that resize copies unchanged (IA3, full, norm)."""
         return None
+
+    @classmethod
+    def directions_many(cls, modules: Sequence[AdapterModule], device: str = "cpu") -> list[Directions | None]:
+        """``directions()`` of several modules of this type; a type overrides it where one batched
+        computation beats a call per module (LoRA: one per factor shape)."""
+        return [m.directions(device) for m in modules]
 
     # -- helpers shared by the types --------------------------------------------------------
     def _alpha_tensor(self, like: torch.Tensor) -> dict[str, torch.Tensor]:

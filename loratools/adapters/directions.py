@@ -14,6 +14,13 @@ it holds. The engine only scores ``S`` and asks for the reduced module's tensors
    known before any tensor is built (``size=`` recipes size files from it).
 3. ``tensors(keep, dtype, rescale)``: suffix -> tensor of that reduced module, the alpha
    (float32 scalar) included, under the suffixes of ``kind`` (kohya spelling).
+
+Optional, with defaults every type inherits: ``weight_shape`` (the layer shape to write; the
+engine sets the base weight's when it differs from the file's only in layout, e.g. a 1x1 conv
+stored as a linear: a type whose factors fix their own layout ignores it), ``keep_one`` (a layer
+that must keep a direction: DoRA's magnitude would be orphaned at rank 0), ``projections``
+(``subspace`` scores), ``alpha(k)`` and ``tensors(..., rank=, kohya=)`` (sd-scripts' padding and alpha rounding
+for ``--kohya-compat``; a type without them leaves them unsupported and is never padded).
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ class Directions(ABC):
     S: torch.Tensor
     old_rank: int
     full_len: int
+    weight_shape: tuple[int, ...] | None = None
+    keep_one: bool = False
+    #: ``tensors`` takes ``rank=`` (pad with zero directions) and ``kohya=`` (sd-scripts' alpha rounding)
+    pads: bool = False
 
     @abstractmethod
     def specs(self, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -49,3 +60,14 @@ class Directions(ABC):
     def tensors(self, keep: Sequence[int], dtype: torch.dtype, rescale: float = 1.0) -> dict[str, torch.Tensor]:
         """The module reduced to the directions ``keep`` (indices into ``S``), every strength
         multiplied by ``rescale``; shapes and dtypes as ``specs(len(keep), dtype)`` says."""
+
+    def alpha(self, k: int, *, kohya: bool = False) -> float | None:
+        """The alpha the module reduced to ``k`` directions stores, known before its tensors are
+        built (metadata's ``ss_network_alpha``, and the writer asks for scalars first); None when
+        the type stores none or only ``tensors`` knows it."""
+        return None
+
+    def projections(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """``|u_i^T W v_i|`` of each direction on the base weight ``W`` (elias' ``subspace`` score),
+        or None where a direction is not one rank-1 pair (the score then uses ``S`` itself)."""
+        return None

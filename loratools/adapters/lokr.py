@@ -13,14 +13,18 @@ LyCORIS' training forward; its ``LokrModule.get_diff_weight`` applies it twice (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loratools.adapters.base import AdapterModule, apply_dora, read_alpha, require_join, require_ndim, require_shared
+from loratools.adapters.directions import Directions
+from loratools.threads import one_thread
 
 if TYPE_CHECKING:
     import torch
+
+    from loratools.adapters.reduce import ProductSVD
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -114,6 +118,127 @@ class LoKrModule(AdapterModule):
     def _factors(self) -> dict[str, torch.Tensor]:
         names = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    @one_thread()
+    def directions(self, device: str = "cpu") -> LoKrDirections:
+        """The directions of the low-rank Kronecker factor (module docstring), strengths exact."""
+        import torch
+
+        from loratools.adapters.reduce import ProductSVD, product_svd
+
+        f = self._factors()
+        if "w2" not in f:
+            cut, p = "w2", product_svd(f["w2_a"], f["w2_b"], f.get("t2"), device)
+            other = f["w1"] if "w1" in f else f["w1_a"].double() @ f["w1_b"].double()
+        elif "w1" not in f:
+            cut, p, other = "w1", product_svd(f["w1_a"], f["w1_b"], None, device), f["w2"]
+        else:
+            w2 = f["w2"].detach().to(device, torch.float64)
+            U, S, Vh = torch.linalg.svd(w2.reshape(w2.shape[0], -1), full_matrices=False)
+            cut, p, other = "w2_full", ProductSVD(U, S, Vh), f["w1"]
+        norm = float(torch.linalg.vector_norm(other.detach().double()))
+        return LoKrDirections(self, cut, p.compact(), (p.S * abs(self.scale) * norm).float().cpu())
+
+
+class LoKrDirections(Directions):
+    """A LoKr's directions: those of its low-rank factor, weighted by the other factor's norm.
+
+    ``cut``: "w2" (split ``W2``, plain or Tucker), "w1" (split ``W1``, full ``W2``) or "w2_full"
+    (neither split; written low-rank only where smaller).
+    """
+
+    kind = "lokr"
+
+    def __init__(self, module: LoKrModule, cut: str, product: ProductSVD, S: torch.Tensor) -> None:
+        self.module, self.cut, self.product, self.S = module, cut, product, S
+        self.full_len = product.n
+        self.old_rank = module.rank or product.n
+        self.keep_one = module.dora_scale is not None  # DoRA's magnitude would be orphaned at rank 0
+
+    def _lowrank(self, k: int) -> bool:
+        """Whether the cut factor is written as ``a @ b`` (always, unless a full ``W2`` is smaller)."""
+        if self.cut != "w2_full":
+            return True
+        rows, cols = self.product.U.shape[0], self.product.Vh.shape[1]
+        return k * (rows + cols) < rows * cols
+
+    def specs(self, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        import torch
+
+        from loratools.adapters.reduce import truncated_shapes
+
+        f = {s: tuple(t.shape) for s, t in self.module._factors().items()}
+        name = self._cut_name()
+        out = {s: (tuple(t.shape), dtype) for s, t in self._kept_factor(k).items()}
+        if self.cut == "w2_full" and not self._lowrank(k):
+            out["lokr_w2"] = (f["w2"], dtype)
+        elif "t2" in f:
+            a, core = truncated_shapes((f["w2_a"], f["w2_b"], f["t2"]), k, tucker=True)
+            out.update(lokr_w2_a=(a, dtype), lokr_t2=(core, dtype), lokr_w2_b=(f["w2_b"], dtype))
+        else:
+            up = (self.product.U.shape[0], k)
+            out.update({f"lokr_{name}_a": (up, dtype), f"lokr_{name}_b": ((k, self.product.Vh.shape[1]), dtype)})
+        if self.alpha(k) is not None:
+            out["alpha"] = ((), torch.float32)
+        if self.module.dora_scale is not None:
+            out["dora_scale"] = (tuple(self.module.dora_scale.shape), self.module.dora_scale.dtype)
+        return out
+
+    @one_thread()
+    def tensors(self, keep: Sequence[int], dtype: torch.dtype, rescale: float = 1.0) -> dict[str, torch.Tensor]:
+        import torch
+
+        from loratools.adapters.reduce import truncated
+
+        m, k, p = self.module, len(keep), self.product
+        f = m._factors()
+        name = self._cut_name()
+        out = self._kept_factor(k)
+        if not self._lowrank(k):  # a full W2 stays full: the rescale goes into it (no rank, scale 1)
+            idx = torch.as_tensor(sorted(keep), dtype=torch.long, device=p.S.device)
+            w2 = (p.U[:, idx] * (p.S[idx] * rescale)) @ p.Vh[idx]
+            out["lokr_w2"] = w2.reshape(f["w2"].shape)
+        elif "t2" in f:
+            a, core = truncated(p, keep, factor=rescale)
+            out.update(lokr_w2_a=a, lokr_t2=core, lokr_w2_b=f["w2_b"])
+        else:
+            up, down = truncated(p, keep, factor=rescale)
+            out.update({f"lokr_{name}_a": up, f"lokr_{name}_b": down})
+        out = {s: t.detach().to("cpu", dtype).contiguous() for s, t in out.items()}
+        alpha = self.alpha(k)
+        if alpha is not None:
+            out["alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if m.dora_scale is not None:
+            out["dora_scale"] = m.dora_scale.contiguous()
+        return out
+
+    def _kept_factor(self, k: int) -> dict[str, torch.Tensor]:
+        """The Kronecker factor not cut, as written: copied, except that a split ``W1`` beside ``W2`` cut
+        to another rank is written full (``a x c``, tiny): LyCORIS keeps one rank for both split
+        factors, so the result is its usual layout (full ``w1``, split ``w2``) and loads at rank k."""
+        m = self.module
+        if self.cut == "w1":
+            return {"lokr_w2": m.w2}
+        if m.w1 is not None:
+            return {"lokr_w1": m.w1}
+        if m.w1_b.shape[0] == k:
+            return {"lokr_w1_a": m.w1_a, "lokr_w1_b": m.w1_b}
+        return {"lokr_w1": m.w1_a.detach().double() @ m.w1_b.detach().double()}
+
+    def _cut_name(self) -> str:
+        return "w1" if self.cut == "w1" else "w2"
+
+    def alpha(self, k: int, *, kohya: bool = False) -> float | None:
+        """The alpha that keeps ``alpha / rank`` at the old scale (a rescale goes into the factors);
+        the input's alpha for a module with no rank (both factors full: scale 1, alpha ignored by
+        every loader), None when it had none. ``kohya`` changes nothing: no sd-scripts twin."""
+        m = self.module
+        if self.cut == "w2_full":
+            if not self._lowrank(k):
+                return m.alpha
+            return float(k)  # the old scale was 1
+        rank = m.w2_b.shape[0] if m.t2 is not None else k
+        return m.scale * rank
 
 
 def _shapes_incomplete(shapes: Mapping[str, tuple[int, ...]]) -> bool:

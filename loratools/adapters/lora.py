@@ -13,7 +13,7 @@ with ``rank = down.shape[0]``; no alpha means scale 1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,8 @@ from loratools.adapters.base import (AdapterModule, apply_dora, read_alpha, requ
 
 if TYPE_CHECKING:
     import torch
+
+    from loratools.adapters.lora_directions import LoRADirections
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -110,6 +112,17 @@ class LoRAModule(AdapterModule):
             out["dora_scale"] = self.dora_scale
         out.update(self._alpha_tensor(self.down))
         return out
+
+    def directions(self, device: str = "cpu") -> LoRADirections:
+        return LoRAModule.directions_many([self], device)[0]
+
+    @classmethod
+    def directions_many(cls, modules: Sequence[LoRAModule], device: str = "cpu") -> list[LoRADirections]:
+        """``directions()`` of many modules, those of one factor shape in one batched call
+        (``linalg.factored``): a thousand layers cost tens of calls, not thousands."""
+        from loratools.adapters.lora_directions import lora_directions
+
+        return lora_directions(modules, device)
 
 
 def _weight_shape(down: tuple[int, ...], up: tuple[int, ...], mid: tuple[int, ...] | None) -> tuple[int, ...]:

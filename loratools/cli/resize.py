@@ -88,6 +88,9 @@ def resize(
     skip_nonfinite: Annotated[bool, typer.Option(
         "--skip-nonfinite", help="Leave out modules whose factors hold NaN/Inf (with a warning) instead of "
         "refusing the LoRA.")] = False,
+    allow_larger: Annotated[bool, typer.Option(
+        "--allow-larger", "--allow_larger", help="Write an output whose factors take more bytes than the input's "
+        "(otherwise it is reported and skipped).")] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -95,7 +98,7 @@ def resize(
 
     Checkpoint-aware recipes (elias-gaeros/resize_lora) keep each singular direction whose strength relative to the base layer passes the threshold; size= finds the threshold that fits a file size; sd-scripts' sv_fro/sv_ratio/sv_cumulative/rank keep what their criterion needs (without sd-scripts' +1, unless --kohya-compat).
 
-    Several recipes share one decomposition. Existing outputs are skipped unless --overwrite. Output names follow elias: <lora>_<recipe>_th<threshold>.safetensors.
+    Several recipes share one decomposition. LoHa and LoKr shrink in their own form. Existing outputs are skipped unless --overwrite, and so is an output that would be larger than its input unless --allow-larger. Output names follow elias: <lora>_<recipe>_th<threshold>.safetensors.
     """
     from loratools.errors import UsageError
     from loratools.ops.resize import DEFAULT_RECIPE, Resizer, kohya_recipe, parse_recipes, resolve_inputs
@@ -114,7 +117,8 @@ def resize(
         raise UsageError(f"-o {output} names one file but there are {len(loras)} LoRA(s) x {len(recipes)} "
                          "recipe(s); give an output folder")
     dtype = {"16": "fp16", "32": "fp32"}.get(precision, precision) if precision else None
-    rz = Resizer(base_path, cache_dir=None if no_cache else (cache_dir or "default"), device=device)
+    rz = Resizer(base_path, cache_dir=None if no_cache else (cache_dir or "default"), device=device,
+                 allow_larger=allow_larger)
     _run(rz, loras, skipped, recipes, output, dtype, overwrite, kohya_compat, dry_run, verbose, json_out,
          skip_nonfinite)
 

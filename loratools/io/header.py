@@ -119,7 +119,22 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raise _fail(p, "is a directory, not a .safetensors file") from None
     except OSError as exc:
         raise _fail(p, os_problem(exc, p)) from None
-    return parse_header(raw, size, p)
+    key = (str(p), size)
+    hit = _PARSED.get(key)
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    header = parse_header(raw, size, p)
+    _PARSED[key] = (raw, header)
+    while len(_PARSED) > _PARSED_MAX:
+        _PARSED.pop(next(iter(_PARSED)))
+    return header
+
+
+#: The last few headers parsed, keyed by path and size and checked against the header bytes just
+#: read (so a changed file is parsed again): a command reads a checkpoint's header to recognise
+#: it and again to open it, and validating 2500 entries costs more than reading them.
+_PARSED: dict[tuple[str, int], tuple[bytes, SafetensorsHeader]] = {}
+_PARSED_MAX = 8
 
 
 def _check_length(path: str | Path, n: int, size: int) -> None:

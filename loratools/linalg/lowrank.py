@@ -88,44 +88,6 @@ def lowrank_svd(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None =
     return LowRankSVD(qu @ uc, s * scale, vhc @ qd.T)
 
 
-def khatri_rao_factors(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor,
-                       b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact low-rank factors of a Hadamard product ``(a1 @ b1) * (a2 @ b2)`` (LoHa).
-
-    ``(A1 B1) o (A2 B2) = (A1 * A2)(B1 * B2)`` with row-wise (face-splitting) products:
-    ``up[o, (i, j)] = a1[o, i] a2[o, j]`` and ``down[(i, j), n] = b1[i, n] b2[j, n]``; rank
-    ``r1 * r2``. So a LoHa becomes a LoRA with no dense matrix and no approximation.
-    """
-    dt = _compute_dtype(a1, b1, a2, b2)
-    up = (a1.to(dt)[:, :, None] * a2.to(dt)[:, None, :]).reshape(a1.shape[0], -1)
-    down = (b1.to(dt)[:, None, :] * b2.to(dt)[None, :, :]).reshape(-1, b1.shape[1])
-    return up, down
-
-
-def kron_factors(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor,
-                 down2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact low-rank factors of ``kron(up1 @ down1, up2 @ down2)`` (LoKr).
-
-    ``kron(A B, C D) = kron(A, C) kron(B, D)``; a full (unsplit) Kronecker factor ``W`` is passed
-    as ``(W, I)`` or, cheaper, as its own thin SVD factors. Rank ``r1 * r2``.
-    """
-    dt = _compute_dtype(up1, down1, up2, down2)
-    return _kron(up1.to(dt), up2.to(dt)), _kron(down1.to(dt), down2.to(dt))
-
-
-def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """2-D Kronecker product by broadcasting (``torch.kron`` fails on some size-1 strides)."""
-    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
-
-
-def thin_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``matrix = up @ down`` with the smallest inner dimension (via a thin SVD; for small matrices)."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    keep = int((s > s[0] * 1e-7).sum()) if s.numel() and s[0] > 0 else 0
-    keep = max(keep, 1)
-    return u[:, :keep] * s[:keep], vh[:keep]
-
-
 def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``up = U diag(sqrt S)``, ``down = diag(sqrt S) Vh``: both factors share the magnitude.

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import UsageError
 from loratools.keys.naming import TE1_PREFIX, TE2_PREFIX, component_label, te_layer
+from loratools.threads import one_thread
 
 if TYPE_CHECKING:
     import torch
@@ -322,7 +322,7 @@ def check_adapter(adapter: AdapterFile, options: CheckOptions = CheckOptions(), 
         if found:
             last_layer[found[0]] = max(last_layer.get(found[0], -1), found[1])
     checks = []
-    with _one_thread():
+    with one_thread():
         for module in adapter.modules.values():
             c = check_module(module, options, (file_keys or {}).get(module.name))
             if c.status == "dead":
@@ -332,24 +332,6 @@ def check_adapter(adapter: AdapterFile, options: CheckOptions = CheckOptions(), 
                            sorted(adapter.unknown), warnings=list(adapter.warnings))
     _summarise(report, options)
     return report
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run many small per-module kernels on one thread.
-
-    Thousands of reductions over a few thousand values each gain nothing from torch's thread
-    pool, and on a busy machine the fan-out dominates: an SD1 LoRA took 14 s with the default
-    threads and 0.2 s with one (2 cores, load 12).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_file(path: str | Path, options: CheckOptions = CheckOptions()) -> WeightsReport:

@@ -410,30 +410,21 @@ _DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 def _recompress(opts: LoraMergeOptions, tensors: dict, meta: dict[str, str], dtype: torch.dtype) -> LoraOutcome:
-    """Write the exact combination to a hidden temp folder and resize it with ``opts.recipe``.
+    """Resize the exact combination with ``opts.recipe`` in memory (no temporary file).
 
-    The temp file is named after the output, so the resize engine's own output naming (one file
-    per recipe in a folder output) reads as ``<output stem>_<recipe>...``.
+    The combination is named after the output, so the resize engine's own output naming (one file
+    per recipe in a folder output) reads as ``<output stem>_<recipe>...``; it is the merge's result
+    whatever its size, so the resize's "larger than the input" rule does not apply.
     """
-    import shutil
-    import uuid
-
-    from loratools.io import save_tensors
+    from loratools.adapters import parse_adapter
     from loratools.ops.resize import Resizer
 
     single = opts.output.suffix.lower() == ".safetensors"
     folder = opts.output.parent if single else opts.output
     if not folder.is_dir():
         raise UsageError(f"output folder {folder} does not exist; create it first", path=opts.output)
-    tmp = folder / f".merge-{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
-        combined = tmp / (opts.output.stem if single else "merged")
-        combined = combined.with_suffix(".safetensors")
-        save_tensors(combined, tensors, meta)
-        resizer = Resizer(opts.base, device=opts.device)
-        return resizer.resize(combined, opts.recipe, output=opts.output, overwrite=opts.overwrite,
-                              dtype=_DTYPE_NAMES[str(dtype).removeprefix("torch.")])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
+    name = folder / f"{opts.output.stem if single else 'merged'}.safetensors"
+    combined = parse_adapter(tensors, meta, path=name)
+    resizer = Resizer(opts.base, device=opts.device, allow_larger=True)
+    return resizer.resize(combined, opts.recipe, output=opts.output, overwrite=opts.overwrite,
+                          dtype=_DTYPE_NAMES[str(dtype).removeprefix("torch.")])

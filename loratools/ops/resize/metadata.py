@@ -49,8 +49,9 @@ def _finite(v: float | None) -> float | None:
 
 def resized_metadata(source: Mapping[str, str], *, recipe: Recipe, threshold: float | None,
                      kept: Sequence[KeptLayer], old_max_rank: int, dropped: int, source_name: str,
-                     source_sha256: str, kohya_compat: bool, drop_keys: Sequence[str] = ()) -> dict[str, str]:
-    """The output file's metadata for one recipe (see the module docstring)."""
+                     source_sha256: str | None, kohya_compat: bool, drop_keys: Sequence[str] = ()) -> dict[str, str]:
+    """The output file's metadata for one recipe (see the module docstring); ``source_sha256`` is
+    None for an input that never was a file (``merge --to-lora`` resizes in memory)."""
     meta = {k: v for k, v in source.items() if k not in drop_keys}
     linear = [k for k in kept if not k.kxk]
     conv = [k for k in kept if k.kxk]

@@ -18,6 +18,20 @@ from loratools.io.writer import SSHS_KEYS, TensorSpec
 _SSHS_PLACEHOLDER = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
 
 
+def data_bytes(specs: Iterable[TensorSpec]) -> int:
+    """Bytes of the non-scalar tensors the specs take: what ``allow_larger`` compares, so that
+    what a resize adds for correctness (provenance metadata, float32 alphas where the input had
+    fp16 ones or none) never counts as growth; only the factors do."""
+    total = 0
+    for s in specs:
+        count = 1
+        for d in s.shape:
+            count *= int(d)
+        if count > 1:
+            total += count * item_size(from_torch(s.dtype))
+    return total
+
+
 def file_size(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None, *, sshs_hashes: bool = True) -> int:
     """Bytes of the file ``write_safetensors(specs, metadata, sshs_hashes=...)`` writes."""
     rows = []
