@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import struct
 from pathlib import Path
 
@@ -113,12 +112,15 @@ _VALID = encode_header([("w", "F16", (2, 3), 0, 12), ("b", "I8", (4,), 12, 16)],
 _VALID_FILE = _VALID + bytes(16)
 
 
-_FUZZ_DIR = Path(tempfile.mkdtemp(prefix="loratools-fuzz-"))
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    """One folder per module (hypothesis reruns a test body many times; pytest removes it)."""
+    return tmp_path_factory.mktemp("fuzz")
 
 
-def _parse_bytes(blob: bytes) -> None:
+def _parse_bytes(folder: Path, blob: bytes) -> None:
     """Write ``blob`` as a file and read it: a header or one-line InvalidFileError, nothing else."""
-    p = _FUZZ_DIR / "fuzz.safetensors"
+    p = folder / "fuzz.safetensors"
     p.write_bytes(blob)
     try:
         h = read_header(p)
@@ -133,23 +135,23 @@ _FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthC
 
 @_FUZZ
 @given(st.binary(max_size=400))
-def test_fuzz_random_bytes(blob):
-    _parse_bytes(blob)
+def test_fuzz_random_bytes(fuzz_dir, blob):
+    _parse_bytes(fuzz_dir, blob)
 
 
 @_FUZZ
 @given(st.integers(min_value=0, max_value=len(_VALID_FILE)))
-def test_fuzz_truncations(cut):
-    _parse_bytes(_VALID_FILE[:cut])
+def test_fuzz_truncations(fuzz_dir, cut):
+    _parse_bytes(fuzz_dir, _VALID_FILE[:cut])
 
 
 @_FUZZ
 @given(st.lists(st.tuples(st.integers(0, len(_VALID_FILE) - 1), st.integers(0, 255)), min_size=1, max_size=6))
-def test_fuzz_mutations(edits):
+def test_fuzz_mutations(fuzz_dir, edits):
     blob = bytearray(_VALID_FILE)
     for pos, value in edits:
         blob[pos] = value
-    _parse_bytes(bytes(blob))
+    _parse_bytes(fuzz_dir, bytes(blob))
 
 
 _json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 50) | st.text(max_size=5),

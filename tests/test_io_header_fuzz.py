@@ -19,7 +19,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -179,18 +178,21 @@ def test_header_mutations_are_read_or_refused(m):
         pass
 
 
-_DIR = Path(tempfile.mkdtemp(prefix="loratools-fuzz-"))
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    """One folder per module (hypothesis reruns a test body many times; pytest removes it)."""
+    return tmp_path_factory.mktemp("fuzz")
 
 
 @settings(max_examples=FILE_EXAMPLES, **_SETTINGS)
 @given(mutation)
-def test_file_mutations_are_loaded_or_refused(m):
+def test_file_mutations_are_loaded_or_refused(fuzz_dir, m):
     """The tensor path (check weights, merge, resize, convert): load, every delta, `check weights`."""
     from loratools.ops.check_weights import check_file
 
     edits, raw, fill = m
     rows, meta = _edited(edits)
-    path = _DIR / "fuzz.safetensors"
+    path = fuzz_dir / "fuzz.safetensors"
     path.write_bytes(_file_bytes(rows, meta, raw, fill))
     summary = None
     try:
@@ -218,11 +220,3 @@ def test_file_mutations_are_loaded_or_refused(m):
         check_file(path)
     except LoratoolsError:
         pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cleanup():
-    yield
-    for p in _DIR.iterdir():
-        p.unlink()
-    _DIR.rmdir()

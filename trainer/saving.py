@@ -16,13 +16,10 @@ from typing import Any
 import torch
 
 from loratools.errors import UsageError
+from loratools.keys.arch import BASE_MODEL_VERSIONS
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                "bf16": torch.bfloat16}
-
-BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1_v", ("sd2", False): "sd_v2",
-                      ("sd2", True): "sd_v2_v", ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
-
 
 def _hash_legacy(path: Path) -> str:
     """A1111's old model hash; a diffusers folder gives "IsADirectory" as in sd-scripts."""
@@ -79,7 +76,7 @@ def base_metadata(cfg: Any, *, arch: str, v_pred: bool, network_module: str, net
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_full_fp16": bool(cfg.full_fp16),
         "ss_v2": arch == "sd2",
-        "ss_base_model_version": BASE_MODEL_VERSION[(arch, v_pred)],
+        "ss_base_model_version": BASE_MODEL_VERSIONS[(arch, v_pred)],
         "ss_clip_skip": cfg.clip_skip,
         "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": bool(cfg.cache_latents or cfg.cache_latents_to_disk),

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loratools.keys.arch import BASE_MODEL_VERSIONS
+
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
@@ -28,7 +30,6 @@ NAMINGS = ("kohya", "kohya_diffusers", "peft")
 _UNET_ATTN = ("Transformer2DModel",)
 _UNET_CONV = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 _TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 #: The factor each trainer initialises to zero (kohya lora_up; LyCORIS hada_w2_a, lokr_w2(_b)), so a
 #: module that never received a gradient has exactly these tensors all zero.
 _ZERO_INIT = ("lora_up.weight", "hada_w2_a", "lokr_w2", "lokr_w2_b", "diff")
@@ -304,7 +305,7 @@ def _metadata(arch: str, kind: str, rank: int, alpha: float, conv_rank: int, con
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps(args) if args else "null",
-        "ss_base_model_version": _BASE_MODEL_VERSION[arch],
+        "ss_base_model_version": BASE_MODEL_VERSIONS[(arch, False)],
         "ss_v2": str(arch == "sd2"),
         "ss_network_train_unet_only": str(not text_encoders),
         "ss_output_name": f"tiny-{arch}-{kind}",
