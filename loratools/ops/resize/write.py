@@ -13,11 +13,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from loratools.errors import NonFiniteError
+from loratools.io.arrays import all_finite
 
 if TYPE_CHECKING:
-    import torch
-
     from loratools.io import TensorSpec
     from loratools.ops.resize.choose import Choice
     from loratools.ops.resize.decompose import Layer
@@ -29,10 +30,10 @@ Progress = Callable[[str, int, int], None]
 def written_rank(layer: Layer, k: int) -> int:
     """The rank the layer's file tensors get for a chosen rank ``k`` (``--kohya-compat`` can pad
     above the directions a type has; a type that cannot pad is capped at them)."""
-    return k if layer.d.pads else min(k, layer.d.S.numel())
+    return k if layer.d.pads else min(k, layer.d.S.size)
 
 
-def plan_specs(layers: Sequence[Layer], ranks: Sequence[int], names: Mapping[str, str], dtype: torch.dtype,
+def plan_specs(layers: Sequence[Layer], ranks: Sequence[int], names: Mapping[str, str], dtype: str,
                passthrough: Sequence[TensorSpec]) -> tuple[list[TensorSpec], list[tuple[Layer, int]]]:
     """Every output tensor's spec, and the ``(layer, written rank)`` of the kept layers."""
     from loratools.io import TensorSpec
@@ -55,10 +56,10 @@ def rows(layers: Sequence[Layer], choice: Choice) -> tuple[list[LayerRow], float
 
     out, kept_sq, all_sq = [], 0.0, 0.0
     for i, ly in enumerate(layers):
-        s = ly.d.S.double()
-        mask = _dropped_mask(s.numel(), choice.kept(i, ly))
-        err = float(s[mask].norm()) if s.numel() else 0.0
-        total = float(s.norm())
+        s = ly.d.S.astype(np.float64)
+        mask = _dropped_mask(s.size, choice.kept(i, ly))
+        err = float(np.linalg.norm(s[mask])) if s.size else 0.0
+        total = float(np.linalg.norm(s))
         kept_sq += max(total * total - err * err, 0.0)
         all_sq += total * total
         out.append(LayerRow(ly.name, ly.kind, ly.d.old_rank, choice.ranks[i], err / total if total else 0.0,
@@ -66,18 +67,16 @@ def rows(layers: Sequence[Layer], choice: Choice) -> tuple[list[LayerRow], float
     return out, (math.sqrt(kept_sq / all_sq) if all_sq else 1.0)
 
 
-def _dropped_mask(n: int, kept: Sequence[int]) -> Any:
-    import torch
-
-    mask = torch.ones(n, dtype=torch.bool)
+def _dropped_mask(n: int, kept: Sequence[int]) -> np.ndarray:
+    mask = np.ones(n, dtype=bool)
     if kept:
-        mask[torch.as_tensor(kept, dtype=torch.long)] = False
+        mask[np.asarray(kept, dtype=np.int64)] = False
     return mask
 
 
-def producer(layers: Sequence[Layer], choice: Choice, names: Mapping[str, str], dtype: torch.dtype,
-             rescale: float, compat: bool, passthrough: Mapping[str, torch.Tensor],
-             progress: Progress | None, total: int) -> Callable[[str], torch.Tensor]:
+def producer(layers: Sequence[Layer], choice: Choice, names: Mapping[str, str], dtype: str,
+             rescale: float, compat: bool, passthrough: Mapping[str, Any],
+             progress: Progress | None, total: int) -> Callable[[str], Any]:
     """``produce(key)`` for ``io.write_safetensors``: pass-through tensors as they are, a layer's
     tensors built by its directions when one of them is first asked for."""
     owner: dict[str, int] = {}
@@ -86,29 +85,29 @@ def producer(layers: Sequence[Layer], choice: Choice, names: Mapping[str, str], 
         if k:
             for suffix in ly.d.specs(k, dtype):
                 owner[f"{names[ly.name]}.{suffix}"] = i
-    built: dict[int, dict[str, torch.Tensor]] = {}
+    built: dict[int, dict[str, Any]] = {}
     served: set[str] = set()  # alphas given before their layer was built
     done = [0]
 
-    def build(i: int) -> dict[str, torch.Tensor]:
+    def build(i: int) -> dict[str, Any]:
         ly = layers[i]
         k = written_rank(ly, choice.ranks[i])
         keep = choice.kept(i, ly)
         extra = {"rank": k, "kohya": compat} if ly.d.pads else {}
         made = ly.d.tensors(keep, dtype, rescale, **extra)
         for suffix, t in made.items():
-            if t.is_floating_point() and not bool(t.isfinite().all()):
+            if not all_finite(t):
                 raise NonFiniteError(f"module {ly.name}: {suffix} overflows {dtype} "
                                      "(write with --save_precision fp32 or bf16)")
         prefix = names[ly.name]
-        return {key: t.contiguous() for key, t in ((f"{prefix}.{s}", t) for s, t in made.items()) if key not in served}
+        return {key: t for key, t in ((f"{prefix}.{s}", t) for s, t in made.items()) if key not in served}
 
-    def produce(key: str) -> torch.Tensor:
+    def produce(key: str) -> Any:
         done[0] += 1
         if progress:
             progress("write", done[0], total)
         if key in passthrough:
-            return passthrough[key].contiguous()
+            return passthrough[key]
         i = owner[key]
         if i not in built:
             scalar = _scalar_alpha(layers[i], key, names, choice.ranks[i], compat)
@@ -124,12 +123,10 @@ def producer(layers: Sequence[Layer], choice: Choice, names: Mapping[str, str], 
     return produce
 
 
-def _scalar_alpha(layer: Layer, key: str, names: Mapping[str, str], k: int, compat: bool) -> torch.Tensor | None:
+def _scalar_alpha(layer: Layer, key: str, names: Mapping[str, str], k: int, compat: bool) -> np.ndarray | None:
     """A layer's alpha without building its tensors, where its type knows it in advance (the
     writer asks for every float32 scalar before the fp16 factors)."""
-    import torch
-
     if key != f"{names[layer.name]}.alpha":
         return None
     value = layer.d.alpha(written_rank(layer, k), kohya=compat)
-    return None if value is None else torch.tensor(value, dtype=torch.float32)
+    return None if value is None else np.array(value, dtype=np.float32)
