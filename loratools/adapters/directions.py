@@ -58,6 +58,8 @@ class Directions(ABC):
     keep_one: bool = False
     #: ``tensors`` takes ``rank=`` (pad with zero directions) and ``kohya=`` (sd-scripts' alpha rounding)
     pads: bool = False
+    #: ``tensors`` may run on several threads at once (numpy maths; torch's thread setting is global)
+    threadsafe: bool = False
 
     @abstractmethod
     def specs(self, k: int, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -13,13 +13,16 @@ and the layer keeps at least one direction.
 from __future__ import annotations
 
 from collections import defaultdict
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loratools.adapters.directions import Directions
 from loratools.io.arrays import as_numpy, cast
+from loratools.threads import one_blas_thread
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
 
 #: Float64 bytes of stacked factors per batched call: bounds the memory of a batch of large convs.
 BATCH_BYTES = 64 << 20
+#: Batches solved at once, each on one BLAS thread: numpy's float16 casts are single-threaded.
+WORKERS = os.cpu_count() or 1
 
 
 class LoRADirections(Directions):
@@ -36,6 +41,7 @@ class LoRADirections(Directions):
 
     kind = "lora"
     pads = True
+    threadsafe = True
 
     def __init__(self, module: LoRAModule, factored: Factored, up: np.ndarray, down: np.ndarray) -> None:
         self.module = module
@@ -119,15 +125,18 @@ def lora_directions(modules: Sequence[LoRAModule], device: str = "cpu") -> list[
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (up, down) in enumerate(flat):
         groups[(up.shape, down.shape)].append(i)
-    result: list[LoRADirections | None] = [None] * len(modules)
+    chunks = []
     for (ushape, dshape), members in groups.items():
         per = 8 * (ushape[0] * ushape[1] + dshape[0] * dshape[1])
         step = max(1, BATCH_BYTES // max(per, 1))
-        for start in range(0, len(members), step):
-            chunk = members[start:start + step]
-            ups = np.stack([flat[i][0] for i in chunk])
-            downs = np.stack([flat[i][1] for i in chunk])
-            for i, f in zip(chunk, factored_svd(ups, downs)):
+        chunks.extend(members[start:start + step] for start in range(0, len(members), step))
+
+    def solve(chunk: list[int]) -> list[Factored]:
+        return factored_svd(np.stack([flat[i][0] for i in chunk]), np.stack([flat[i][1] for i in chunk]))
+
+    result: list[LoRADirections | None] = [None] * len(modules)
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="loratools-svd") as pool:
+        for chunk, found in zip(chunks, pool.map(solve, chunks)):
+            for i, f in zip(chunk, found):
                 result[i] = LoRADirections(modules[i], f, *flat[i])
-            del ups, downs
     return result  # type: ignore[return-value]

@@ -176,7 +176,7 @@ class Resizer:
         from loratools.ops.resize.metadata import KeptLayer, resized_metadata
         from loratools.ops.resize.naming import output_path
         from loratools.ops.resize.sizing import data_bytes, file_size
-        from loratools.ops.resize.write import plan_specs, producer, rows
+        from loratools.ops.resize.write import Producer, plan_specs, rows
 
         index = self.base.index if self.base is not None else None
         names = output_names(adapter, index)  # kohya names from the one vocabulary, whatever the input's
@@ -222,9 +222,9 @@ class Resizer:
         if sha is not None:  # the source hash goes into the metadata: wait for it now
             digest["sha"] = sha.result()
             specs, meta = plan(choice.ranks, choice.threshold)
-        produce = producer(layers, choice, names, out_dtype, recipe.rescale, compat, passthrough, progress, len(specs))
-        written = write_safetensors(path, specs, produce, meta, overwrite=overwrite, protected=protected,
-                                    sshs_hashes=True)
+        with Producer(layers, choice, names, out_dtype, recipe.rescale, compat, passthrough, specs, progress) as produce:
+            written = write_safetensors(path, specs, produce, meta, overwrite=overwrite, protected=protected,
+                                        sshs_hashes=True)
         outcome.status = "written"
         outcome.size_after = written.size
         return outcome
