@@ -23,3 +23,13 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread while the block runs its own worker threads (OpenBLAS' threads
+    spin while they wait: two workers with two BLAS threads each on two cores ran 1.6x slower)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -14,6 +14,7 @@ from loratools.adapters.loha import LoHaModule, hadamard_left_out_sq
 from loratools.adapters.lokr import LoKrModule
 from loratools.adapters.reduce import antitonic, product_svd
 from loratools.io import save_tensors
+from loratools.io.dtypes import from_torch
 
 
 def _g(seed: int):
@@ -63,19 +64,19 @@ def test_lokr_every_variant_left_out_norm_is_exact(variant, tmp_path):
     m = LoKrModule.parse("x", _tensors(_lokr_variants()[variant]))
     d = m.directions()
     full = _dense(m)
-    assert d.kind == "lokr" and d.full_len == d.S.numel()
-    assert bool((d.S[:-1] >= d.S[1:]).all())
-    assert float(d.S.double().norm()) == pytest.approx(float(full.norm()), rel=1e-5)
-    n = d.S.numel()
+    assert d.kind == "lokr" and d.full_len == torch.from_numpy(d.S).numel()
+    assert bool((torch.from_numpy(d.S)[:-1] >= torch.from_numpy(d.S)[1:]).all())
+    assert float(torch.from_numpy(d.S).double().norm()) == pytest.approx(float(full.norm()), rel=1e-5)
+    n = torch.from_numpy(d.S).numel()
     gen = torch.Generator().manual_seed(0)
     for k in range(1, n + 1):
         keep = sorted(torch.randperm(n, generator=gen)[:k].tolist())  # any subset: strengths are exact
         reduced = d.tensors(keep, torch.float64)
-        assert {s: (tuple(t.shape), t.dtype) for s, t in reduced.items()} == d.specs(k, torch.float64)
+        assert {s: (tuple(t.shape), from_torch(t.dtype)) for s, t in reduced.items()} == d.specs(k, torch.float64)
         got = _dense(_through_file(tmp_path, LoKrModule, reduced))
         dropped = [i for i in range(n) if i not in keep]
         left_out = float((full - got.reshape(full.shape)).norm())
-        assert left_out == pytest.approx(float(d.S[dropped].double().norm()), rel=1e-5, abs=1e-6 * float(full.norm()))
+        assert left_out == pytest.approx(float(torch.from_numpy(d.S)[dropped].double().norm()), rel=1e-5, abs=1e-6 * float(full.norm()))
         assert _numel(reduced) <= _numel(m.tensors())  # the own form never grows
 
 
@@ -83,7 +84,7 @@ def test_lokr_every_variant_left_out_norm_is_exact(variant, tmp_path):
 def test_lokr_full_keep_is_exact_with_rescale_through_the_parser(variant, tmp_path):
     m = LoKrModule.parse("x", _tensors(_lokr_variants()[variant]))
     d = m.directions()
-    got = _through_file(tmp_path, LoKrModule, d.tensors(range(d.S.numel()), torch.float32, rescale=0.5))
+    got = _through_file(tmp_path, LoKrModule, d.tensors(range(torch.from_numpy(d.S).numel()), torch.float32, rescale=0.5))
     want = 0.5 * m.delta()
     torch.testing.assert_close(got.delta().reshape(want.shape), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
@@ -93,7 +94,7 @@ def test_lokr_strengths_by_hand():
     m = LoKrModule.parse("x", {"lokr_w1": torch.tensor([[3.0, 4.0]]), "lokr_w2_a": torch.eye(2),
                                "lokr_w2_b": torch.diag(torch.tensor([2.0, 1.0])), "alpha": torch.tensor(6.0)})
     d = m.directions()
-    torch.testing.assert_close(d.S, torch.tensor([30.0, 15.0]))
+    torch.testing.assert_close(torch.from_numpy(d.S), torch.tensor([30.0, 15.0]))
     t = d.tensors([0], torch.float32)
     assert float(t["alpha"]) == pytest.approx(3.0)  # alpha' = scale * k keeps alpha / rank = 3
     assert t["lokr_w2_a"].shape == (2, 1) and torch.equal(t["lokr_w1"], m.w1)
@@ -161,8 +162,8 @@ def test_loha_reduced_module_and_documented_bound(seed, tucker, tmp_path):
     d = m.directions()
     full = _dense(m)
     assert d.kind == "loha" and d.old_rank == 4 and d.full_len == 4
-    assert bool((d.S[:-1] >= d.S[1:]).all())
-    assert float(d.S.double().norm()) == pytest.approx(float(full.norm()), rel=1e-5)
+    assert bool((torch.from_numpy(d.S)[:-1] >= torch.from_numpy(d.S)[1:]).all())
+    assert float(torch.from_numpy(d.S).double().norm()) == pytest.approx(float(full.norm()), rel=1e-5)
     errs = [_truncation_error(m, k) for k in range(5)]
     # documented: sum(S[k:]**2) = ||delta||^2 - H(k), H the least concave majorant of the kept energy
     # G(k) = ||delta||^2 - E(k)^2 (brute force: the best chord over k); so exact where H = G (always
@@ -172,12 +173,12 @@ def test_loha_reduced_module_and_documented_bound(seed, tucker, tmp_path):
     for k in range(5):
         hull = max(kept[a] + (kept[b] - kept[a]) * (k - a) / (b - a) if b > a else kept[k]
                    for a in range(k + 1) for b in range(k, 5))
-        claimed = float(d.S[k:].double().norm())
+        claimed = float(torch.from_numpy(d.S)[k:].double().norm())
         assert claimed ** 2 == pytest.approx(total - hull, rel=1e-5, abs=1e-6 * total)
         assert claimed <= errs[k] * (1 + 1e-6) + 1e-9
     for k in range(1, 5):
         reduced = d.tensors(range(k), torch.float64)
-        assert {s: (tuple(t.shape), t.dtype) for s, t in reduced.items()} == d.specs(k, torch.float64)
+        assert {s: (tuple(t.shape), from_torch(t.dtype)) for s, t in reduced.items()} == d.specs(k, torch.float64)
         got = _dense(_through_file(tmp_path, LoHaModule, reduced))
         assert float((full - got.reshape(full.shape)).norm()) == pytest.approx(errs[k], rel=1e-5, abs=2e-6 * errs[0])
         assert _numel(reduced) <= _numel(m.tensors())
@@ -188,7 +189,7 @@ def test_loha_decaying_spectra_exact_at_every_rank():
     m = _loha(8, out=20, inp=16, r=5, decay=0.3)
     d = m.directions()
     for k in range(6):
-        assert float(d.S[k:].double().norm()) == pytest.approx(_truncation_error(m, k), rel=1e-5, abs=1e-9)
+        assert float(torch.from_numpy(d.S)[k:].double().norm()) == pytest.approx(_truncation_error(m, k), rel=1e-5, abs=1e-9)
 
 
 @pytest.mark.parametrize("tucker", [False, True])
@@ -211,7 +212,7 @@ def test_loha_pair_with_fewer_directions_is_padded():
     m = LoHaModule.parse("x", {"hada_w1_a": torch.cat([a, a, a], 1), "hada_w1_b": g(3, 7),
                                "hada_w2_a": g(8, 3), "hada_w2_b": g(3, 7)})
     d = m.directions()
-    assert d.S.numel() == 3
+    assert torch.from_numpy(d.S).numel() == 3
     t = d.tensors(range(3), torch.float64)
     assert t["hada_w1_a"].shape == (8, 3) and t["hada_w2_a"].shape == (8, 3)
     torch.testing.assert_close(LoHaModule.parse("x", t).delta(), m.delta(), rtol=1e-5, atol=1e-6)
@@ -275,7 +276,7 @@ def test_reduced_module_loads_in_lycoris_with_the_same_delta(case):
         want = layer(x) + (F.linear(x, delta) if layer_kind == "linear" else F.conv2d(x, delta, padding=1))
         got = ly(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    if k == m.directions().S.numel():  # everything kept: the trained module's own output
+    if k == torch.from_numpy(m.directions().S).numel():  # everything kept: the trained module's own output
         trained.apply_to()
         with torch.no_grad():
             torch.testing.assert_close(trained(x), want, rtol=1e-4, atol=1e-4)

@@ -104,7 +104,7 @@ def test_lokr_without_base_stays_lokr_and_smaller(tiny_sd1, tmp_path):
     for name, m in src.modules.items():
         full = m.delta()
         left_out = float((full - out.modules[name].delta().reshape(full.shape)).norm())
-        assert left_out == pytest.approx(float(m.directions().S[1:].double().norm()), rel=1e-4,
+        assert left_out == pytest.approx(float(torch.from_numpy(m.directions().S)[1:].double().norm()), rel=1e-4,
                                          abs=1e-6 * float(full.norm()))
 
 
@@ -153,3 +153,25 @@ def test_checkpoint_free_recipe_reads_no_base_weight(sdxl, tmp_path):
     rc, _, err = run(ckpt, lora, "-r", "fro_ckpt=1,thr=-3.55", "-o", tmp_path, cwd=tmp_path)
     assert rc == 0, err
     assert len(list((tmp_path / "norms").iterdir())) == 1
+
+
+_TORCH_PROBE = ("import sys\nfrom loratools.cli.app import main\ntry:\n    main()\nexcept SystemExit as exc:\n"
+                "    print('exit', exc.code)\nprint('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+
+
+@pytest.mark.parametrize("dtype,imported", [(torch.float16, False), (torch.float32, False), (torch.bfloat16, True)])
+def test_lora_resize_never_imports_torch(tiny_sdxl, tiny_sdxl_ckpt, tmp_path, dtype, imported):
+    """torch's import is more than half of a warm resize: an fp16/fp32 LoRA is read, decomposed and
+    written with numpy alone, cold (norms streamed) and warm; bf16 (no numpy dtype) still works, with torch."""
+    lora = make_lora(tiny_sdxl, "sdxl", "locon", rank=6, alpha=3, dtype=dtype, path=tmp_path / "l.safetensors").path
+    for run_no in range(2):  # cold, then warm (norm cache filled)
+        out = tmp_path / f"out{run_no}"
+        out.mkdir()
+        p = subprocess.run([sys.executable, "-c", _TORCH_PROBE, "resize", "-r", "fro_ckpt=1,thr=-2", "--cache-dir",
+                            str(tmp_path / "cache"), str(tiny_sdxl_ckpt), str(lora), "-o", str(out)],
+                           capture_output=True, text=True, cwd=tmp_path,
+                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **_importable()})
+        assert "exit 0" in p.stdout, p.stderr
+        assert p.stdout.strip().endswith("torch imported" if imported else "torch not imported")
+        (written,) = out.iterdir()
+        assert {m.kind for m in load_adapter(written).modules.values()} == {"lora"}

@@ -212,8 +212,11 @@ def parse_adapter(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     unknown: dict[str, torch.Tensor] = {k: tensors[k] for k in groups.unclaimed}
     styles: set[str] = set()
     skipped: list[str] = []
+    as_numpy = getattr(tensors, "numpy", False) is True
     for name, group in groups.modules.items():
         cls = _type_of(group, path)
+        if as_numpy and cls is not LoRAModule:
+            raise _TorchNeeded(name)
         used = _usable(cls, group.keys) if cls is not None else []
         parts = {s: _tensor(tensors, group, s) for s in used}
         _require_float(group, path, {s: _dtype_name(t.dtype) for s, t in parts.items()})
@@ -262,6 +265,10 @@ def _nonfinite_key(group: ModuleKeys, parts: Mapping[str, torch.Tensor], tensors
 
 def _all_finite(t: torch.Tensor) -> bool:
     """One reduction (``aminmax`` propagates NaN and shows Inf as a bound) instead of ``isfinite().all()``."""
+    if not hasattr(t, "is_floating_point"):  # a numpy array (resize reads LoRAs without torch)
+        from loratools.io.arrays import all_finite
+
+        return all_finite(t)
     import torch
 
     if t.numel() == 0 or not t.is_floating_point():
@@ -320,7 +327,8 @@ def require_modules(adapter: _A, path: str | Path | None = None) -> _A:
     return adapter
 
 
-def load_adapter(path: str | Path, *, nonfinite: str = "error", nonfinite_fix: str = "") -> AdapterFile:
+def load_adapter(path: str | Path, *, nonfinite: str = "error", nonfinite_fix: str = "",
+                 numpy: bool = False) -> AdapterFile:
     """Read an adapter file (``.safetensors`` lazily, or a pickle, weights only) and parse it.
 
     Every command that uses the factors goes through here, so a file without modules ("not a
@@ -331,6 +339,9 @@ def load_adapter(path: str | Path, *, nonfinite: str = "error", nonfinite_fix: s
         path: the adapter file.
         nonfinite: ``parse_adapter``'s policy: "error" (default), "skip" or "keep".
         nonfinite_fix: what to suggest after a NaN/Inf error (e.g. a flag of the caller's command).
+        numpy: hold the tensors as numpy arrays, without importing torch (``resize``), where the
+            file allows it: a ``.safetensors`` file of LoRA-family modules whose tensors numpy
+            can hold (no BF16/F8); any other file is read with torch as usual.
     Raises:
         InvalidFileError: unreadable, not an adapter, or malformed factors.
         NonFiniteError: NaN/Inf in a factor (with the default policy).
@@ -339,11 +350,24 @@ def load_adapter(path: str | Path, *, nonfinite: str = "error", nonfinite_fix: s
         'kohya'
     """
     from loratools.io.checkpoint import open_state_dict
+    from loratools.io.reader import numpy_readable, open_safetensors
 
+    if numpy and Path(path).suffix.lower() == ".safetensors":
+        sd = open_safetensors(path, numpy=True)
+        if numpy_readable(sd.header):
+            try:
+                return require_modules(parse_adapter(sd, sd.metadata, path=path, nonfinite=nonfinite,
+                                                     nonfinite_fix=nonfinite_fix))
+            except _TorchNeeded:
+                pass
     sd = open_state_dict(path)
     metadata = getattr(sd, "metadata", None) or {}
     return require_modules(parse_adapter(sd, metadata, path=path, nonfinite=nonfinite,
                                          nonfinite_fix=nonfinite_fix))
+
+
+class _TorchNeeded(Exception):
+    """A numpy-read file holds a module whose type needs torch tensors (not LoRA-family)."""
 
 
 def describe_header(tensor_infos: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 from loratools.errors import InvalidFileError, NonFiniteError
 
 if TYPE_CHECKING:  # torch is imported lazily so that header-only callers stay light
+    import numpy as np
     import torch
 
     from loratools.adapters.directions import Directions
@@ -196,13 +197,18 @@ class AdapterModule:
     def _alpha_tensor(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The ``alpha`` entry as kohya stores it; an A1111 scale override becomes ``scale * rank``
         (in float32 when the factors' dtype would round it: the alpha decides every delta)."""
-        import torch
-
         alpha = self.alpha
         if self.scale_override is not None and self.rank:
             alpha = float(self.scale_override) * self.rank
         if alpha is None:
             return {}
+        import numpy as np
+
+        if isinstance(like, np.ndarray):  # a numpy-read file (resize) gets a numpy alpha
+            a = np.array(float(alpha), dtype=like.dtype)
+            return {"alpha": a if self.scale_override is None or float(a) == alpha else np.array(alpha, np.float32)}
+        import torch
+
         t = torch.tensor(float(alpha), dtype=like.dtype)
         if self.scale_override is not None and float(t) != alpha:
             t = torch.tensor(float(alpha), dtype=torch.float32)
@@ -319,9 +325,12 @@ def require_shared(shapes: Mapping[str, tuple[int, ...]], weight_shape: tuple[in
                           f"input columns of the weight {_fmt(weight_shape)}")
 
 
-def read_alpha(t: torch.Tensor) -> float:
-    """Alpha as stored: 0-d or (1,), any dtype (formats-spec 1.7); bf16 values kept as is."""
-    return float(t.detach().float().reshape(-1)[0])
+def read_alpha(t: torch.Tensor | np.ndarray) -> float:
+    """Alpha as stored: 0-d or (1,), any dtype (formats-spec 1.7); bf16 values kept as is. A numpy
+    array (``resize`` reads LoRAs without torch) is read as it is."""
+    from loratools.io.arrays import as_numpy
+
+    return float(as_numpy(t).reshape(-1)[0])
 
 
 def apply_dora(module: AdapterModule, base: torch.Tensor, diff: torch.Tensor,

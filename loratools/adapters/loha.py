@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loratools.adapters.base import (AdapterModule, apply_dora, read_alpha, require_join, require_ndim,
                                      require_shared, shape_error)
@@ -51,6 +51,7 @@ from loratools.adapters.directions import Directions
 from loratools.threads import one_thread
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from loratools.adapters.reduce import ProductSVD
@@ -146,7 +147,7 @@ class LoHaModule(AdapterModule):
         pairs = (product_svd(self.w1_a, self.w1_b, self.t1, device),
                  product_svd(self.w2_a, self.w2_b, self.t2, device))
         e2 = hadamard_left_out_sq(*pairs, self.scale)
-        return LoHaDirections(self, pairs, antitonic(e2[:-1] - e2[1:]).clamp_min(0).sqrt().float())
+        return LoHaDirections(self, pairs, antitonic(e2[:-1] - e2[1:]).clamp_min(0).sqrt().float().numpy())
 
 
 class LoHaDirections(Directions):
@@ -154,19 +155,19 @@ class LoHaDirections(Directions):
 
     kind = "loha"
 
-    def __init__(self, module: LoHaModule, pairs: tuple[ProductSVD, ProductSVD], S: torch.Tensor) -> None:
+    def __init__(self, module: LoHaModule, pairs: tuple[ProductSVD, ProductSVD], S: np.ndarray) -> None:
         self.module, self.pairs, self.S = module, (pairs[0].compact(), pairs[1].compact()), S
         self.old_rank = module.rank
-        self.full_len = int(S.numel())
+        self.full_len = int(S.size)
         self.keep_one = module.dora_scale is not None  # DoRA's magnitude would be orphaned at rank 0
 
-    def specs(self, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        import torch
-
+    def specs(self, k: int, dtype: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
         from loratools.adapters.reduce import truncated_shapes
+        from loratools.io.dtypes import from_torch
 
+        dtype = from_torch(dtype)
         m = self.module
-        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        out: dict[str, tuple[tuple[int, ...], Any]] = {}
         for n, a, b, t in (("1", m.w1_a, m.w1_b, m.t1), ("2", m.w2_a, m.w2_b, m.t2)):
             if t is None:
                 first, second = truncated_shapes((tuple(a.shape), tuple(b.shape)), k, tucker=False)
@@ -175,16 +176,17 @@ class LoHaDirections(Directions):
                 first, core = truncated_shapes((tuple(a.shape), tuple(b.shape), tuple(t.shape)), k, tucker=True)
                 out.update({f"hada_w{n}_a": (first, dtype), f"hada_t{n}": (core, dtype),
                             f"hada_w{n}_b": (tuple(b.shape), dtype)})
-        out["alpha"] = ((), torch.float32)
+        out["alpha"] = ((), "F32")
         if m.dora_scale is not None:
             out["dora_scale"] = (tuple(m.dora_scale.shape), m.dora_scale.dtype)
         return out
 
     @one_thread()
-    def tensors(self, keep: Sequence[int], dtype: torch.dtype, rescale: float = 1.0) -> dict[str, torch.Tensor]:
+    def tensors(self, keep: Sequence[int], dtype: Any, rescale: float = 1.0) -> dict[str, torch.Tensor]:
         import torch
 
         from loratools.adapters.reduce import truncated
+        from loratools.io.dtypes import from_torch, to_torch
 
         m, k = self.module, len(keep)
         out: dict[str, torch.Tensor] = {}
@@ -194,7 +196,7 @@ class LoHaDirections(Directions):
                 out.update({f"hada_w{n}_a": first, f"hada_w{n}_b": second})
             else:
                 out.update({f"hada_w{n}_a": first, f"hada_t{n}": second, f"hada_w{n}_b": b})
-        out = {s: t.detach().to("cpu", dtype).contiguous() for s, t in out.items()}
+        out = {s: t.detach().to("cpu", to_torch(from_torch(dtype))).contiguous() for s, t in out.items()}
         out["alpha"] = torch.tensor(self.alpha(k), dtype=torch.float32)
         if m.dora_scale is not None:
             out["dora_scale"] = m.dora_scale.contiguous()

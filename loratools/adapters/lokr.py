@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loratools.adapters.base import AdapterModule, apply_dora, read_alpha, require_join, require_ndim, require_shared
 from loratools.adapters.directions import Directions
 from loratools.threads import one_thread
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from loratools.adapters.reduce import ProductSVD
@@ -137,7 +138,7 @@ class LoKrModule(AdapterModule):
             U, S, Vh = torch.linalg.svd(w2.reshape(w2.shape[0], -1), full_matrices=False)
             cut, p, other = "w2_full", ProductSVD(U, S, Vh), f["w1"]
         norm = float(torch.linalg.vector_norm(other.detach().double()))
-        return LoKrDirections(self, cut, p.compact(), (p.S * abs(self.scale) * norm).float().cpu())
+        return LoKrDirections(self, cut, p.compact(), (p.S * abs(self.scale) * norm).float().cpu().numpy())
 
 
 class LoKrDirections(Directions):
@@ -149,7 +150,7 @@ class LoKrDirections(Directions):
 
     kind = "lokr"
 
-    def __init__(self, module: LoKrModule, cut: str, product: ProductSVD, S: torch.Tensor) -> None:
+    def __init__(self, module: LoKrModule, cut: str, product: ProductSVD, S: np.ndarray) -> None:
         self.module, self.cut, self.product, self.S = module, cut, product, S
         self.full_len = product.n
         self.old_rank = module.rank or product.n
@@ -162,11 +163,11 @@ class LoKrDirections(Directions):
         rows, cols = self.product.U.shape[0], self.product.Vh.shape[1]
         return k * (rows + cols) < rows * cols
 
-    def specs(self, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        import torch
-
+    def specs(self, k: int, dtype: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
         from loratools.adapters.reduce import truncated_shapes
+        from loratools.io.dtypes import from_torch
 
+        dtype = from_torch(dtype)
         f = {s: tuple(t.shape) for s, t in self.module._factors().items()}
         name = self._cut_name()
         out = {s: (tuple(t.shape), dtype) for s, t in self._kept_factor(k).items()}
@@ -179,16 +180,17 @@ class LoKrDirections(Directions):
             up = (self.product.U.shape[0], k)
             out.update({f"lokr_{name}_a": (up, dtype), f"lokr_{name}_b": ((k, self.product.Vh.shape[1]), dtype)})
         if self.alpha(k) is not None:
-            out["alpha"] = ((), torch.float32)
+            out["alpha"] = ((), "F32")
         if self.module.dora_scale is not None:
             out["dora_scale"] = (tuple(self.module.dora_scale.shape), self.module.dora_scale.dtype)
         return out
 
     @one_thread()
-    def tensors(self, keep: Sequence[int], dtype: torch.dtype, rescale: float = 1.0) -> dict[str, torch.Tensor]:
+    def tensors(self, keep: Sequence[int], dtype: Any, rescale: float = 1.0) -> dict[str, torch.Tensor]:
         import torch
 
         from loratools.adapters.reduce import truncated
+        from loratools.io.dtypes import from_torch, to_torch
 
         m, k, p = self.module, len(keep), self.product
         f = m._factors()
@@ -204,7 +206,7 @@ class LoKrDirections(Directions):
         else:
             up, down = truncated(p, keep, factor=rescale)
             out.update({f"lokr_{name}_a": up, f"lokr_{name}_b": down})
-        out = {s: t.detach().to("cpu", dtype).contiguous() for s, t in out.items()}
+        out = {s: t.detach().to("cpu", to_torch(from_torch(dtype))).contiguous() for s, t in out.items()}
         alpha = self.alpha(k)
         if alpha is not None:
             out["alpha"] = torch.tensor(alpha, dtype=torch.float32)

@@ -80,7 +80,8 @@ def resize(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
                                          help="Also print the per-layer table when writing.")] = 0,
     device: Annotated[str, typer.Option("--device", "-d", metavar="DEVICE",
-                                                  help="Device for the decompositions (cpu, cuda).")] = "cpu",
+                                                  help="Device for LoHa/LoKr decompositions (cpu, cuda); LoRA/LoCon "
+                                                       "layers are decomposed on the CPU from r x r Gram matrices.")] = "cpu",
     cache_dir: Annotated[Optional[Path], typer.Option(
         "--cache-dir", metavar="FOLDER", help="Folder of the base-norm cache (default: the user cache folder).",
         show_default=False)] = None,

@@ -6,7 +6,7 @@ item sizes and names only, and must not pay torch's import time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,12 @@ def parse_dtype_name(name: str | None, *, option: str = "--dtype") -> torch.dtyp
         >>> parse_dtype_name("BF16")
         torch.bfloat16
     """
+    stored = parse_precision(name, option=option)
+    return None if stored is None else to_torch(stored)
+
+
+def parse_precision(name: str | None, *, option: str = "--dtype") -> str | None:
+    """``parse_dtype_name`` as a safetensors dtype name ("bf16" -> "BF16"), without importing torch."""
     if name is None:
         return None
     key = name.strip().lower()
@@ -62,9 +68,7 @@ def parse_dtype_name(name: str | None, *, option: str = "--dtype") -> torch.dtyp
 
         raise UsageError(f"{option} {name!r} is not a known precision; use fp16, bf16 or fp32 "
                          f"(also: {', '.join(n for n in PRECISION_NAMES if n not in ('fp16', 'bf16', 'fp32'))})")
-    import torch
-
-    return getattr(torch, PRECISION_NAMES[key])
+    return from_torch(PRECISION_NAMES[key])
 
 
 def item_size(dtype: str) -> int:
@@ -79,8 +83,11 @@ def to_torch(dtype: str) -> torch.dtype:
     return getattr(torch, _TORCH_NAMES[dtype])
 
 
-def from_torch(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype; ValueError for dtypes safetensors cannot store."""
+def from_torch(dtype: Any) -> str:
+    """The safetensors name of a torch dtype, a numpy dtype (``resize`` writes numpy arrays) or a
+    safetensors name itself; ValueError for dtypes safetensors cannot store."""
+    if isinstance(dtype, str) and dtype in _TORCH_NAMES:
+        return dtype
     name = str(dtype).removeprefix("torch.")
     for st_name, torch_name in _TORCH_NAMES.items():
         if torch_name == name:

@@ -18,14 +18,21 @@ from loratools.io.header import SafetensorsHeader, TensorInfo, read_header
 from loratools.io.paths import os_problem
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
 class SafetensorsReader(Mapping[str, "torch.Tensor"]):
-    """A read-only ``Mapping[str, Tensor]`` over one safetensors file (keys in file order)."""
+    """A read-only ``Mapping[str, Tensor]`` over one safetensors file (keys in file order).
 
-    def __init__(self, header: SafetensorsHeader) -> None:
+    ``numpy=True`` gives numpy arrays instead, and never imports torch (``resize`` of a LoRA:
+    torch's import is more than half of a warm run); a BF16/F8 tensor, which numpy cannot hold,
+    is then refused with ValueError (``numpy_readable`` says beforehand).
+    """
+
+    def __init__(self, header: SafetensorsHeader, *, numpy: bool = False) -> None:
         self.header = header
+        self.numpy = numpy
         self._mm: mmap.mmap | None = None
 
     @property
@@ -54,6 +61,8 @@ class SafetensorsReader(Mapping[str, "torch.Tensor"]):
         return key in self.header.tensors
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        if self.numpy:
+            return self._array(key)
         import torch
 
         info = self.header.tensors[key]
@@ -65,6 +74,23 @@ class SafetensorsReader(Mapping[str, "torch.Tensor"]):
         if start % item_size(info.dtype):  # unaligned (hand-made files): copy rather than map
             return torch.frombuffer(bytearray(mm[start:start + info.nbytes]), dtype=dtype).reshape(info.shape)
         return torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=start).reshape(info.shape)
+
+    def _array(self, key: str) -> np.ndarray:
+        import numpy as np
+
+        from loratools.io.arrays import NUMPY_DTYPES
+
+        info = self.header.tensors[key]
+        if info.dtype not in NUMPY_DTYPES:
+            raise ValueError(f"{key}: {info.dtype} has no numpy dtype; open the file without numpy=True")
+        dtype = NUMPY_DTYPES[info.dtype]
+        if info.numel == 0:
+            return np.empty(info.shape, dtype=dtype)
+        mm = self._map()
+        start = self.header.data_offset + info.begin
+        if start % item_size(info.dtype):  # unaligned (hand-made files): copy rather than map
+            return np.frombuffer(bytearray(mm[start:start + info.nbytes]), dtype=dtype).reshape(info.shape)
+        return np.frombuffer(mm, dtype=dtype, count=info.numel, offset=start).reshape(info.shape)
 
     def release(self, key: str) -> None:
         """Drop ``key``'s pages from this process's view of the file, after its tensor is no longer used.
@@ -103,11 +129,12 @@ class SafetensorsReader(Mapping[str, "torch.Tensor"]):
         return f"SafetensorsReader({str(self.path)!r}, {len(self)} tensors)"
 
 
-def open_safetensors(path: str | Path) -> SafetensorsReader:
+def open_safetensors(path: str | Path, *, numpy: bool = False) -> SafetensorsReader:
     """Open a safetensors file lazily.
 
     Args:
         path: the ``.safetensors`` file.
+        numpy: numpy arrays instead of torch tensors (see ``SafetensorsReader``).
     Returns:
         A read-only Mapping of tensor name to tensor; ``.metadata``, ``.header``, ``.info(key)``.
     Raises:
@@ -115,7 +142,14 @@ def open_safetensors(path: str | Path) -> SafetensorsReader:
     Example:
         >>> sd = open_safetensors("lora.safetensors"); sd["lora_unet_conv_in.alpha"]
     """
-    return SafetensorsReader(read_header(path))
+    return SafetensorsReader(read_header(path), numpy=numpy)
+
+
+def numpy_readable(header: SafetensorsHeader) -> bool:
+    """Every tensor of the file has a numpy dtype (no BF16/F8), so ``numpy=True`` can read it."""
+    from loratools.io.arrays import NUMPY_DTYPES
+
+    return all(t.dtype in NUMPY_DTYPES for t in header.tensors.values())
 
 
 _STRUCT_CODES = {"F16": "e", "F32": "f", "F64": "d", "I8": "b", "U8": "B", "I16": "h", "U16": "H",

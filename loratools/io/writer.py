@@ -28,6 +28,7 @@ from loratools.io.header import data_layout, encode_header
 from loratools.io.paths import os_problem
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 SSHS_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
@@ -36,10 +37,11 @@ _PLACEHOLDER = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor to be written: its name, the dtype it is stored in, and its shape."""
+    """A tensor to be written: its name, the dtype it is stored in (a torch or numpy dtype, or a
+    safetensors name such as "F16"), and its shape."""
 
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | np.dtype | str
     shape: tuple[int, ...]
 
 
@@ -133,7 +135,12 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
             raise UsageError(f"metadata {k!r}={v!r}: safetensors metadata keys and values must be strings")
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
+def _as_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
+    """The bytes of a torch tensor or a numpy array (``resize`` writes numpy: no torch import)."""
+    import numpy as np
+
+    if isinstance(t, np.ndarray):
+        return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8)).cast("B")
     import torch
 
     flat = t.detach().to("cpu").contiguous().reshape(-1)

@@ -17,6 +17,8 @@ def check_device(name: str, *, option: str = "--device") -> str:
         >>> check_device("cpu")
         'cpu'
     """
+    if name == "cpu":  # always there: a CPU-only command need not import torch for it
+        return name
     import torch
 
     try:

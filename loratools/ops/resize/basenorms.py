@@ -66,7 +66,6 @@ class BaseNorms:
         target whose weights are not in a safetensors file (a pickle, an in-memory source) is
         read as a tensor instead.
         """
-        from loratools.linalg.norms import frobenius_norm, spectral_norm
         from loratools.ops.resize.cache import NormCache
 
         keys = [NormCache.key(t.component, t.key, t.rows) for t in targets]
@@ -79,6 +78,8 @@ class BaseNorms:
         for i, (t, f) in enumerate(zip(targets, found)):
             if "fro" in f and (not want_spn or "spn" in f):
                 continue
+            from loratools.linalg.norms import frobenius_norm, spectral_norm  # torch: only for what is not cached
+
             W = self.weight(t)
             f.setdefault("fro", frobenius_norm(W))
             if want_spn:

@@ -34,7 +34,7 @@ class Choice:
 
     def kept(self, i: int, layer: Layer) -> list[int]:
         """The directions layer ``i`` keeps, in strength order (at most as many as it has)."""
-        n = layer.d.S.numel()
+        n = layer.d.S.size
         k = min(self.ranks[i], n)
         order = self.orders[i]
         return list(range(k)) if order is None else sorted(int(j) for j in order[:k])
@@ -44,7 +44,7 @@ def choose(recipe: Recipe, layers: Sequence[Layer], compat: bool,
            size_of: Callable[[list[int], float], int]) -> Choice:
     """Ranks and kept directions of every layer under ``recipe`` (``size_of(ranks, threshold)`` is
     the exact output size, for ``size=``)."""
-    import torch
+    import numpy as np
 
     from loratools.ops.resize.scoring import layer_scores
     from loratools.ops.resize.selection import fit_size, kohya_rank, score_order, threshold_rank
@@ -56,10 +56,10 @@ def choose(recipe: Recipe, layers: Sequence[Layer], compat: bool,
     quant: dict[str, float] = {}
     live = [s for s, ly in zip(scores, layers) if float(ly.d.S[0]) >= 1e-6]
     if live:
-        allsc = torch.cat(live).float()
-        allsc = allsc[torch.isfinite(allsc)]
-        if allsc.numel():
-            quant = {f"{q:.2f}": float(v) for q, v in zip(_QUANTILES, torch.quantile(allsc, torch.tensor(_QUANTILES)))}
+        allsc = np.concatenate(live).astype(np.float32)
+        allsc = allsc[np.isfinite(allsc)]
+        if allsc.size:
+            quant = {f"{q:.2f}": float(v) for q, v in zip(_QUANTILES, np.quantile(allsc, _QUANTILES))}
     if recipe.method == "thr":
         ranks = [threshold_rank(sc, recipe.param, ly.d.S, ly.shape, recipe) for sc, ly in zip(scores, layers)]
         threshold = recipe.param

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from loratools.errors import ArchitectureMismatchError, NonFiniteError, UsageError
 from loratools.keys.naming import te_layer
 
@@ -62,7 +64,7 @@ def decompose(adapter: AdapterFile, base: BaseNorms | None, recipes: Sequence[Re
             passthrough.update({f"{m.source_name}.{s}": t for s, t in m.tensors().items()})
             result.passthrough.append(name)
             continue
-        if not bool(d.S.isfinite().all()):
+        if not bool(np.isfinite(d.S).all()):
             raise NonFiniteError(f"module {name}: its factors hold NaN or Inf; the LoRA is broken "
                                  "(loratools check weights shows where)", path=adapter.path)
         target = base.resolve(name) if base is not None else None

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import ArchitectureMismatchError, NonFiniteError, UsageError
-from loratools.io.dtypes import parse_dtype_name
+from loratools.io.dtypes import parse_precision
 from loratools.ops.resize.outcome import LayerRow, LoraOutcome, RecipeOutcome
 from loratools.ops.resize.recipe import Recipe
 
@@ -48,7 +48,8 @@ class Resizer:
         base: a single-file checkpoint or a diffusers folder (or an open ``loratools.io.ModelSource``),
             or None (checkpoint-free recipes only).
         cache_dir: folder of the norm cache; ``"default"`` = user cache folder, None = no cache.
-        device: "cpu" or a torch device for the decompositions ("cuda").
+        device: "cpu" or a torch device for LoHa/LoKr decompositions ("cuda"); LoRA-family layers
+            are decomposed with numpy on the CPU (r x r work after one Gram product per factor).
         allow_larger: write outputs larger than their input (otherwise they are reported and skipped).
 
     Example:
@@ -149,21 +150,23 @@ class Resizer:
                 f"this is a {info.label} LoRA ({info.evidence}) but the base checkpoint {self.base.path.name} "
                 f"is {self.base.arch.label}; pass the checkpoint the LoRA was trained on", path=path)
 
-    def _dtype(self, dtype: str | None, adapter: AdapterFile) -> torch.dtype:
-        """The factors' output dtype: the one asked for, else the input's first float factor's."""
-        import torch
+    def _dtype(self, dtype: str | None, adapter: AdapterFile) -> str:
+        """The factors' output dtype (safetensors name): the one asked for, else the input's first
+        float factor's."""
+        from loratools.io.dtypes import from_torch
 
         if dtype is not None:
-            return parse_dtype_name(dtype, option="--save_precision")
+            return parse_precision(dtype, option="--save_precision")
         for m in adapter.modules.values():
             for suffix, t in m.tensors().items():
-                if suffix not in ("alpha", "dora_scale") and t.dtype in (torch.float16, torch.bfloat16, torch.float32):
-                    return t.dtype
-        return torch.float16
+                name = from_torch(t.dtype)
+                if suffix not in ("alpha", "dora_scale") and name in ("F16", "BF16", "F32"):
+                    return name
+        return "F16"
 
     # ------------------------------------------------------------------------------------
     def _apply(self, recipe: Recipe, lora: Path, adapter: AdapterFile, layers: list[Layer],
-               passthrough: dict[str, torch.Tensor], out: Path | None, out_dtype: torch.dtype,
+               passthrough: dict[str, Any], out: Path | None, out_dtype: str,
                overwrite: bool, compat: bool, dry_run: bool, sha: Future | None, size_before: int,
                data_before: int, progress: Progress | None) -> RecipeOutcome:
         from loratools.io import TensorSpec, write_safetensors
@@ -173,7 +176,7 @@ class Resizer:
         from loratools.ops.resize.metadata import KeptLayer, resized_metadata
         from loratools.ops.resize.naming import output_path
         from loratools.ops.resize.sizing import data_bytes, file_size
-        from loratools.ops.resize.write import plan_specs, producer, rows
+        from loratools.ops.resize.write import Producer, plan_specs, rows
 
         index = self.base.index if self.base is not None else None
         names = output_names(adapter, index)  # kohya names from the one vocabulary, whatever the input's
@@ -219,9 +222,9 @@ class Resizer:
         if sha is not None:  # the source hash goes into the metadata: wait for it now
             digest["sha"] = sha.result()
             specs, meta = plan(choice.ranks, choice.threshold)
-        produce = producer(layers, choice, names, out_dtype, recipe.rescale, compat, passthrough, progress, len(specs))
-        written = write_safetensors(path, specs, produce, meta, overwrite=overwrite, protected=protected,
-                                    sshs_hashes=True)
+        with Producer(layers, choice, names, out_dtype, recipe.rescale, compat, passthrough, specs, progress) as produce:
+            written = write_safetensors(path, specs, produce, meta, overwrite=overwrite, protected=protected,
+                                        sshs_hashes=True)
         outcome.status = "written"
         outcome.size_after = written.size
         return outcome
@@ -281,7 +284,7 @@ def _load(path: Path, skip_nonfinite: bool, *, check: bool = False) -> AdapterFi
     from loratools.adapters import load_adapter
 
     policy = "skip" if skip_nonfinite else ("error" if check else "keep")
-    return load_adapter(path, nonfinite=policy,
+    return load_adapter(path, nonfinite=policy, numpy=True,  # a LoRA never imports torch
                         nonfinite_fix="pass --skip-nonfinite to resize the rest without those modules")
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 
+from loratools.io.arrays import as_numpy
 from loratools.ops.resize.recipe import SCORE_TERMS
 
 _ACTIVE = 1e-6
@@ -28,20 +30,21 @@ class BaseRefs:
 
     fro: float
     spn: float | None  # measured only when a recipe scores with spn_ckpt
-    subspace: torch.Tensor | None = None
+    subspace: np.ndarray | None = None
 
 
-def subspace_projection(U: torch.Tensor, Vh: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``|u_i^T W v_i|`` for each singular pair (W flattened from dim 1), float32."""
-    w = weight.reshape(weight.shape[0], -1).float()
+def subspace_projection(U: np.ndarray, Vh: np.ndarray, weight: Any) -> np.ndarray:
+    """``|u_i^T W v_i|`` for each singular pair (W, a torch tensor or numpy array, flattened from dim 1), float32."""
+    w = as_numpy(weight)
+    w = w.reshape(w.shape[0], -1).astype(np.float32)
     if w.shape != (U.shape[0], Vh.shape[1]):
         raise ValueError(f"base weight {tuple(w.shape)} does not match the LoRA delta "
                          f"{(U.shape[0], Vh.shape[1])}")
-    return ((w @ Vh.T.float()) * U.float()).sum(0).abs()
+    return np.abs(((w @ Vh.T.astype(np.float32)) * U.astype(np.float32)).sum(0))
 
 
-def layer_scores(S: torch.Tensor, weights: dict[str, float], *, rescale: float, params: int,
-                 base: BaseRefs | None) -> torch.Tensor:
+def layer_scores(S: np.ndarray, weights: dict[str, float], *, rescale: float, params: int,
+                 base: BaseRefs | None) -> np.ndarray:
     """Scores of one layer's singular values (float32, same length as ``S``).
 
     Args:
@@ -57,18 +60,24 @@ def layer_scores(S: torch.Tensor, weights: dict[str, float], *, rescale: float, 
     Returns:
         ``log10`` scores; zero singular values score ``-inf``.
     """
-    s = S.float()
-    scores = torch.log10(s)
-    scores += math.log10(rescale)
-    s0 = float(s[0]) if s.numel() else 0.0
-    fro_lora = float(torch.linalg.vector_norm(s))
+    s = np.asarray(S, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):  # log10(0) = -inf and -inf - -inf = NaN, as torch gives
+        return _scores(s, weights, rescale, params, base)
+
+
+def _scores(s: np.ndarray, weights: dict[str, float], rescale: float, params: int,
+            base: BaseRefs | None) -> np.ndarray:
+    scores = np.log10(s)
+    scores += np.float32(math.log10(rescale))
+    s0 = float(s[0]) if s.size else 0.0
+    fro_lora = float(np.linalg.norm(s))  # float32, as elias
     for key in SCORE_TERMS:
         w = weights.get(key, 0.0)
         if abs(w) <= _ACTIVE:
             continue
         if key == "subspace":
             proj = base.subspace if base is not None and base.subspace is not None else s
-            scores -= w * torch.log10(proj.float())
+            scores -= np.float32(w) * np.log10(np.asarray(proj, dtype=np.float32))
             continue
         if key == "spn_ckpt":
             ref = base.spn if base is not None else s0
@@ -80,5 +89,5 @@ def layer_scores(S: torch.Tensor, weights: dict[str, float], *, rescale: float, 
             ref = fro_lora
         else:
             ref = float(params)
-        scores -= w * (math.log10(ref) if ref > 0 else -math.inf)
+        scores -= np.float32(w * (math.log10(ref) if ref > 0 else -math.inf))
     return scores

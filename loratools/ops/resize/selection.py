@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from loratools.ops.resize.recipe import Recipe
 
@@ -56,27 +56,27 @@ class LayerShape:
     scale: float = 1.0
 
 
-def is_zero(S: torch.Tensor) -> bool:
+def is_zero(S: np.ndarray) -> bool:
     """elias' all-zero test on the alpha-scaled spectrum."""
-    return S.numel() == 0 or float(S[0]) < ZERO_SIGMA
+    return S.size == 0 or float(S[0]) < ZERO_SIGMA
 
 
-def significant(S: torch.Tensor) -> int:
+def significant(S: np.ndarray) -> int:
     """Number of singular values above the noise floor NOISE * sigma_0."""
     if is_zero(S):
         return 0
     return int((S > float(S[0]) * NOISE).sum())
 
 
-def _first_reaching(cum: torch.Tensor, target: float, total: int) -> int:
+def _first_reaching(cum: np.ndarray, target: float, total: int) -> int:
     """1-based count of entries up to the first ``cum_i >= target`` (``total`` if none)."""
-    hit = torch.nonzero(cum >= target)
-    return int(hit[0]) + 1 if hit.numel() else total
+    hit = np.flatnonzero(cum >= target)
+    return int(hit[0]) + 1 if hit.size else total
 
 
-def kohya_criterion(S: torch.Tensor, method: str, t: float) -> int:
+def kohya_criterion(S: np.ndarray, method: str, t: float) -> int:
     """Corrected kohya rank: exactly the singular values the criterion needs."""
-    s = S.double()
+    s = np.asarray(S, dtype=np.float64)
     n = significant(S)
     if n == 0:
         return 0
@@ -84,21 +84,21 @@ def kohya_criterion(S: torch.Tensor, method: str, t: float) -> int:
     if method == "sv_ratio":
         k = int((s >= float(s[0]) / t * (1 - TIE)).sum())
     elif method == "sv_cumulative":
-        k = _first_reaching(torch.cumsum(s, 0) / s.sum(), t * (1 - TIE), n)
+        k = _first_reaching(np.cumsum(s) / s.sum(), t * (1 - TIE), n)
     elif method == "sv_fro":
         sq = s * s
-        k = _first_reaching(torch.cumsum(sq, 0) / sq.sum(), t * t * (1 - TIE), n)
+        k = _first_reaching(np.cumsum(sq) / sq.sum(), t * t * (1 - TIE), n)
     else:
         raise ValueError(method)
     return min(k, n)
 
 
-def kohya_compat_rank(S: torch.Tensor, layer: LayerShape, method: str, t: float,
+def kohya_compat_rank(S: np.ndarray, layer: LayerShape, method: str, t: float,
                       cap: int | None) -> int:
     """sd-scripts' ``resize_lora.py`` rank rule, +1 and all (spec B2.6)."""
     L = layer.full_len
-    s = torch.zeros(L, dtype=torch.float64)
-    s[: min(L, S.numel())] = S.double()[:L]
+    s = np.zeros(L, dtype=np.float64)
+    s[: min(L, S.size)] = np.asarray(S, dtype=np.float64)[:L]
     raw0 = float(s[0]) / layer.scale if layer.scale else float(s[0])
     if method == "rank":
         new_rank = min(int(t), L)
@@ -106,10 +106,10 @@ def kohya_compat_rank(S: torch.Tensor, layer: LayerShape, method: str, t: float,
         if method == "sv_ratio":
             idx = int((s > float(s[0]) / t * (1 + TIE)).sum())
         elif method == "sv_cumulative":
-            idx = _first_reaching(torch.cumsum(s, 0) / s.sum(), t * (1 - TIE), L) if s.sum() > 0 else L
+            idx = _first_reaching(np.cumsum(s) / s.sum(), t * (1 - TIE), L) if s.sum() > 0 else L
         else:
             sq = s * s
-            idx = _first_reaching(torch.cumsum(sq, 0) / sq.sum(), t * t * (1 - TIE), L) if sq.sum() > 0 else L
+            idx = _first_reaching(np.cumsum(sq) / sq.sum(), t * t * (1 - TIE), L) if sq.sum() > 0 else L
         idx = max(1, min(idx, L - 1))
         new_rank = idx + 1
     if raw0 <= 1e-6:
@@ -127,7 +127,7 @@ def layer_cap(layer: LayerShape, recipe: Recipe, compat: bool) -> int | None:
     return recipe.max_rank
 
 
-def clamp_rank(k: int, S: torch.Tensor, layer: LayerShape, recipe: Recipe) -> int:
+def clamp_rank(k: int, S: np.ndarray, layer: LayerShape, recipe: Recipe) -> int:
     """Apply caps and floors to a corrected rank: never above the old rank or the noise floor."""
     n = significant(S)
     cap = layer_cap(layer, recipe, compat=False)
@@ -137,7 +137,7 @@ def clamp_rank(k: int, S: torch.Tensor, layer: LayerShape, recipe: Recipe) -> in
     return max(0, min(k, n if n else (1 if layer.keep_one else 0), layer.old_rank))
 
 
-def kohya_rank(S: torch.Tensor, layer: LayerShape, recipe: Recipe, compat: bool = False) -> int:
+def kohya_rank(S: np.ndarray, layer: LayerShape, recipe: Recipe, compat: bool = False) -> int:
     """Rank a kohya-method recipe gives one layer (``S`` alpha-scaled, descending)."""
     if compat:
         if recipe.method == "rank":
@@ -153,12 +153,12 @@ def kohya_rank(S: torch.Tensor, layer: LayerShape, recipe: Recipe, compat: bool 
     return clamp_rank(k, S, layer, recipe)
 
 
-def score_order(scores: torch.Tensor) -> torch.Tensor:
+def score_order(scores: np.ndarray) -> np.ndarray:
     """Indices by descending score (stable, so equal scores keep sigma order)."""
-    return torch.sort(scores, descending=True, stable=True).indices
+    return np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")
 
 
-def threshold_rank(scores: torch.Tensor, thr: float, S: torch.Tensor, layer: LayerShape,
+def threshold_rank(scores: np.ndarray, thr: float, S: np.ndarray, layer: LayerShape,
                    recipe: Recipe) -> int:
     """Dimensions with ``score >= thr`` (float32 comparison, inclusive), then caps.
 
@@ -166,11 +166,11 @@ def threshold_rank(scores: torch.Tensor, thr: float, S: torch.Tensor, layer: Lay
     """
     if is_zero(S):
         return 1 if layer.keep_one else 0
-    k = int((scores.float() >= thr).sum())
+    k = int((np.asarray(scores, dtype=np.float32) >= np.float32(thr)).sum())
     return clamp_rank(k, S, layer, recipe)
 
 
-def fit_size(layer_scores: Sequence[torch.Tensor], spectra: Sequence[torch.Tensor],
+def fit_size(layer_scores: Sequence[np.ndarray], spectra: Sequence[np.ndarray],
              layers: Sequence[LayerShape], recipe: Recipe,
              size_of: Callable[[list[int], float], int], budget: int) -> tuple[float, list[int], int]:
     """The lowest threshold whose output fits ``budget`` bytes.
@@ -196,9 +196,9 @@ def fit_size(layer_scores: Sequence[torch.Tensor], spectra: Sequence[torch.Tenso
     full = size_of(everything, -math.inf)
     if full <= budget:
         return -math.inf, everything, full
-    finite = [sc[torch.isfinite(sc)].float() for sc in layer_scores]
-    cands = torch.unique(torch.cat(finite)) if finite else torch.empty(0)
-    cands = torch.flip(cands, (0,)).tolist()  # descending: more kept as the index grows
+    finite = [np.asarray(sc, dtype=np.float32)[np.isfinite(sc)] for sc in layer_scores]
+    cands = np.unique(np.concatenate(finite)) if finite else np.empty(0, np.float32)
+    cands = [float(c) for c in cands[::-1]]  # descending: more kept as the index grows
     lo, hi = -1, len(cands) - 1  # invariant: cands[lo] fits (lo = -1: keep nothing), find the last fitting
     while lo < hi:
         mid = (lo + hi + 1) // 2
