@@ -159,11 +159,12 @@ _TORCH_PROBE = ("import sys\nfrom loratools.cli.app import main\ntry:\n    main(
                 "    print('exit', exc.code)\nprint('torch imported' if 'torch' in sys.modules else 'torch not imported')")
 
 
-@pytest.mark.parametrize("dtype,imported", [(torch.float16, False), (torch.float32, False), (torch.bfloat16, True)])
-def test_lora_resize_never_imports_torch(tiny_sdxl, tiny_sdxl_ckpt, tmp_path, dtype, imported):
-    """torch's import is more than half of a warm resize: an fp16/fp32 LoRA is read, decomposed and
-    written with numpy alone, cold (norms streamed) and warm; bf16 (no numpy dtype) still works, with torch."""
-    lora = make_lora(tiny_sdxl, "sdxl", "locon", rank=6, alpha=3, dtype=dtype, path=tmp_path / "l.safetensors").path
+@pytest.mark.parametrize("kind,dtype,imported", [("locon", torch.float16, False), ("locon", torch.float32, False),
+                                                  ("locon", torch.bfloat16, False), ("lokr", torch.float16, True)])
+def test_lora_resize_never_imports_torch(tiny_sdxl, tiny_sdxl_ckpt, tmp_path, kind, dtype, imported):
+    """torch's import is more than half of a warm resize: a LoRA/LoCon (fp16, fp32 or bf16) is read,
+    decomposed and written with numpy alone, cold (norms streamed) and warm; a LoKr still uses torch."""
+    lora = make_lora(tiny_sdxl, "sdxl", kind, rank=6, alpha=3, dtype=dtype, path=tmp_path / "l.safetensors").path
     for run_no in range(2):  # cold, then warm (norm cache filled)
         out = tmp_path / f"out{run_no}"
         out.mkdir()
@@ -174,4 +175,6 @@ def test_lora_resize_never_imports_torch(tiny_sdxl, tiny_sdxl_ckpt, tmp_path, dt
         assert "exit 0" in p.stdout, p.stderr
         assert p.stdout.strip().endswith("torch imported" if imported else "torch not imported")
         (written,) = out.iterdir()
-        assert {m.kind for m in load_adapter(written).modules.values()} == {"lora"}
+        assert {m.kind for m in load_adapter(written).modules.values()} == {"lora" if kind == "locon" else kind}
+        factors = {t.dtype for k, t in open_safetensors(written).items() if not k.endswith(".alpha")}
+        assert factors == {dtype}  # the input's precision, bf16 included

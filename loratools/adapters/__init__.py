@@ -341,7 +341,8 @@ def load_adapter(path: str | Path, *, nonfinite: str = "error", nonfinite_fix: s
         nonfinite_fix: what to suggest after a NaN/Inf error (e.g. a flag of the caller's command).
         numpy: hold the tensors as numpy arrays, without importing torch (``resize``), where the
             file allows it: a ``.safetensors`` file of LoRA-family modules whose tensors numpy
-            can hold (no BF16/F8); any other file is read with torch as usual.
+            can hold (BF16 as tagged bits, ``io.arrays``; no float8); any other file is read with
+            torch as usual.
     Raises:
         InvalidFileError: unreadable, not an adapter, or malformed factors.
         NonFiniteError: NaN/Inf in a factor (with the default policy).

@@ -205,8 +205,11 @@ class AdapterModule:
         import numpy as np
 
         if isinstance(like, np.ndarray):  # a numpy-read file (resize) gets a numpy alpha
-            a = np.array(float(alpha), dtype=like.dtype)
-            return {"alpha": a if self.scale_override is None or float(a) == alpha else np.array(alpha, np.float32)}
+            from loratools.io.arrays import as_numpy, scalar
+
+            a = scalar(float(alpha), like.dtype)
+            exact = float(as_numpy(a)) == alpha
+            return {"alpha": a if self.scale_override is None or exact else np.array(alpha, np.float32)}
         import torch
 
         t = torch.tensor(float(alpha), dtype=like.dtype)

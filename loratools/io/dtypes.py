@@ -88,6 +88,9 @@ def from_torch(dtype: Any) -> str:
     safetensors name itself; ValueError for dtypes safetensors cannot store."""
     if isinstance(dtype, str) and dtype in _TORCH_NAMES:
         return dtype
+    tag = (getattr(dtype, "metadata", None) or {}).get("safetensors")  # io.arrays' BF16 bits
+    if tag is not None:
+        return tag
     name = str(dtype).removeprefix("torch.")
     for st_name, torch_name in _TORCH_NAMES.items():
         if torch_name == name:

@@ -26,8 +26,9 @@ class SafetensorsReader(Mapping[str, "torch.Tensor"]):
     """A read-only ``Mapping[str, Tensor]`` over one safetensors file (keys in file order).
 
     ``numpy=True`` gives numpy arrays instead, and never imports torch (``resize`` of a LoRA:
-    torch's import is more than half of a warm run); a BF16/F8 tensor, which numpy cannot hold,
-    is then refused with ValueError (``numpy_readable`` says beforehand).
+    torch's import is more than half of a warm run); BF16 comes as tagged uint16 bits
+    (``io.arrays``), and a float8 tensor, which numpy cannot hold, is refused with ValueError
+    (``numpy_readable`` says beforehand).
     """
 
     def __init__(self, header: SafetensorsHeader, *, numpy: bool = False) -> None:
@@ -78,12 +79,12 @@ class SafetensorsReader(Mapping[str, "torch.Tensor"]):
     def _array(self, key: str) -> np.ndarray:
         import numpy as np
 
-        from loratools.io.arrays import NUMPY_DTYPES
+        from loratools.io.arrays import numpy_dtype
 
         info = self.header.tensors[key]
-        if info.dtype not in NUMPY_DTYPES:
+        dtype = numpy_dtype(info.dtype)
+        if dtype is None:
             raise ValueError(f"{key}: {info.dtype} has no numpy dtype; open the file without numpy=True")
-        dtype = NUMPY_DTYPES[info.dtype]
         if info.numel == 0:
             return np.empty(info.shape, dtype=dtype)
         mm = self._map()
@@ -146,10 +147,10 @@ def open_safetensors(path: str | Path, *, numpy: bool = False) -> SafetensorsRea
 
 
 def numpy_readable(header: SafetensorsHeader) -> bool:
-    """Every tensor of the file has a numpy dtype (no BF16/F8), so ``numpy=True`` can read it."""
-    from loratools.io.arrays import NUMPY_DTYPES
+    """Every tensor of the file has a numpy dtype (no float8), so ``numpy=True`` can read it."""
+    from loratools.io.arrays import numpy_dtype
 
-    return all(t.dtype in NUMPY_DTYPES for t in header.tensors.values())
+    return all(numpy_dtype(t.dtype) is not None for t in header.tensors.values())
 
 
 _STRUCT_CODES = {"F16": "e", "F32": "f", "F64": "d", "I8": "b", "U8": "B", "I16": "h", "U16": "H",
