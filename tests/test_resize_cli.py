@@ -178,3 +178,22 @@ def test_lora_resize_never_imports_torch(tiny_sdxl, tiny_sdxl_ckpt, tmp_path, ki
         assert {m.kind for m in load_adapter(written).modules.values()} == {"lora" if kind == "locon" else kind}
         factors = {t.dtype for k, t in open_safetensors(written).items() if not k.endswith(".alpha")}
         assert factors == {dtype}  # the input's precision, bf16 included
+
+
+def test_shell_glob_rerun_skips_own_outputs(sdxl, tmp_path):
+    """`resize base *.safetensors` run twice: the shell names the first run's output too; it is
+    skipped (its source is in the batch), and the skipped line says what is on disk, not rank 0 / nan."""
+    ckpt, lora = sdxl
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "a.safetensors").write_bytes(lora.read_bytes())
+    rc, _, err = run("-r", "fro_ckpt=1,thr=-2", ckpt, folder / "a.safetensors", cwd=tmp_path)
+    assert rc == 0, err
+    (out,) = [p for p in folder.iterdir() if p.name != "a.safetensors"]
+    rc, stdout, err = run("-r", "fro_ckpt=1,thr=-2", ckpt, *sorted(folder.iterdir()), cwd=tmp_path)  # as a shell expands it
+    assert rc == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", out.name]  # nothing resized twice
+    assert "nan" not in stdout and "rank 0 " not in stdout and "exists, skipped" in stdout
+    rc, stdout, err = run("-r", "rank=1", out, "-o", tmp_path, cwd=tmp_path)  # named on its own: resized
+    assert rc == 0, err
+    assert len([p for p in tmp_path.glob("*.safetensors") if p.name.startswith(out.stem)]) == 1

@@ -40,6 +40,28 @@ def is_checkpoint(path: Path) -> bool:
     return any(k.startswith(_CHECKPOINT_PREFIXES) for k in read_header(path).tensors)
 
 
+def _outputs_of_others(loras: list[Path]) -> list[Path]:
+    """The inputs that are earlier resize outputs of another input in the same folder (by the source
+    file name in their provenance metadata): a shell glob names them one by one, and resizing them
+    again is never what was meant. An output named without its source is still resized."""
+    import json
+
+    from loratools.io import read_header
+
+    given = {(p.resolve().parent, p.name) for p in loras}
+    out = []
+    for p in loras:
+        if not _already_resized(p):
+            continue
+        try:
+            source = json.loads(read_header(p).metadata["loratools"]).get("source") or {}
+        except (ValueError, KeyError, AttributeError):
+            continue
+        if (p.resolve().parent, source.get("file")) in given:
+            out.append(p)
+    return out
+
+
 def _already_resized(path: Path) -> bool:
     from loratools.io import read_header
 
@@ -49,9 +71,10 @@ def _already_resized(path: Path) -> bool:
 
 
 def resolve_inputs(paths: list[str], base: str | None = None) -> tuple[Path | None, list[Path], list[Path]]:
-    """``(base, loras, skipped)``: skipped are earlier resize outputs found in folders and globs (a file
-    named on its own is resized whatever it is), so running the same command twice never resizes its
-    own outputs.
+    """``(base, loras, skipped)``: skipped are earlier resize outputs found in folders and globs, or
+    named together with the file they came from (a shell's ``*.safetensors``); a resize output named
+    on its own is resized like any LoRA. So running the same command twice never resizes its own
+    outputs.
 
     Raises:
         UsageError: no LoRA, two base checkpoints, or a glob that matches nothing.
@@ -94,6 +117,9 @@ def resolve_inputs(paths: list[str], base: str | None = None) -> tuple[Path | No
         else:
             loras.append(p)
     unique = list(dict.fromkeys(loras))
+    derived = _outputs_of_others(unique)  # `resize ... *.safetensors` run twice: the shell named our outputs
+    skipped.extend(derived)
+    unique = [p for p in unique if p not in derived]
     if not unique:
         raise UsageError("no LoRA file to resize: " + ("; ".join(given) or "none given")
                          + " (pass LoRA files, folders or globs after the base checkpoint)")

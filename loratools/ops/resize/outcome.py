@@ -49,9 +49,11 @@ class RecipeOutcome:
     def summary_line(self) -> str:
         """``name: rank 1234 -> 321, 36.2 MiB -> 9.1 MiB, Frobenius 98.7 %, threshold -3.55`` (sizes in
         the unit that shows the change: ``484.5 KiB -> 465.4 KiB``, not ``0.5 MiB -> 0.5 MiB``)."""
-        from loratools.units import size_change
+        from loratools.units import human_bytes, size_change
 
         thr = "" if self.threshold is None else f", threshold {self.threshold:.4g}"
+        if self.status == "exists":  # nothing was computed: say what is on disk
+            return f"{self.path.name}: rank {self.rank_after}, {human_bytes(self.size_after)}{STATUS_NOTES['exists']}"
         return (f"{self.path.name}: rank {self.rank_before} -> {self.rank_after}, "
                 f"{size_change(self.size_before, self.size_after)}, "
                 f"Frobenius {100 * self.fro_retained:.1f} %{thr}{STATUS_NOTES.get(self.status, '')}")
