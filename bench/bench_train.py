@@ -32,6 +32,7 @@ a step on a fast GPU.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -161,6 +162,7 @@ class StepClock:
 
     def __init__(self, device: str, warmup: int, total: int) -> None:
         self.device, self.warmup, self.total = device, warmup, total
+        self.ops = OpCounter() if warmup >= 2 else None
         self.first_step_at: float | None = None
         self.t_warm: float | None = None
         self.t_end: float | None = None
@@ -179,6 +181,10 @@ class StepClock:
     def step_end(self, step: int) -> None:
         import torch
 
+        if self.ops is not None and step == self.warmup - 1:  # the last warm-up step is counted, not timed
+            self.ops.__enter__()
+        if self.ops is not None and step == self.warmup:
+            self.ops.__exit__(None, None, None)
         if step == self.warmup:
             self._sync()
             self.t_warm = time.perf_counter()
@@ -200,6 +206,9 @@ class StepClock:
         out: dict[str, Any] = {"s_per_step": s_per_step, "images_per_s": batch / s_per_step,
                                "first_step_at": self.first_step_at,
                                "cpu_s_per_step": (self.cpu_end - self.cpu_warm) / steps}
+        if self.ops is not None:
+            out["ops_per_step"] = self.ops.count
+            out["top_ops"] = dict(self.ops.by_op.most_common(25))  # in --json: where the count comes from
         if self.device == "cuda":
             steady = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
             out.update(peak_alloc=max(self.peak_loading[0], steady[0]), peak_reserved=max(self.peak_loading[1], steady[1]),
@@ -209,6 +218,29 @@ class StepClock:
 
             out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return out
+
+
+def OpCounter():
+    """A dispatch mode that counts the ATen operators one step runs (forward, recomputation,
+    backward, optimizer): each is at least one kernel launch and one trip through the dispatcher
+    on a GPU, so the count measures the host-side work that bounds a fast GPU's step, on any
+    device. Views and metadata queries count too; they cost host time as well."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.by_op: collections.Counter[str] = collections.Counter()
+
+        @property
+        def count(self) -> int:
+            return self.by_op.total()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.by_op[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    return Counter()
 
 
 def matmul_rate(device: str) -> float:
@@ -279,7 +311,9 @@ def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
         p.data = p.data.float()
     unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    # torch picks foreach AdamW for CUDA parameters; on a CPU it must be asked for, so the CPU run
+    # counts the optimizer work a GPU run does
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **({"foreach": True} if device == "cpu" else {}))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000)
     size = latents.shape[-1] * 8
@@ -363,7 +397,7 @@ def ours_argv(kind: str, spec: dict[str, Any], work: Path) -> list[str]:
                         "--network_args", "algo=lora", f"preset={preset}", "--optimizer_type", "AdamW",
                         "--learning_rate", "1e-4", "--max_grad_norm", "1.0"]
     recipe = ROOT / "recipes" / ("pony-locon.toml" if kind == "recipe" else "sdxl-lowvram.toml")
-    extra = ["--logging_dir", str(work / "logs"), "--min_bucket_reso", "256"]
+    extra = ["--logging_dir", str(work / "logs"), "--min_bucket_reso", str(min(256, spec["resolution"]))]
     if kind == "lowvram" and not _has_bitsandbytes():
         extra += ["--optimizer_type", "AdamW"]
     return ["--config", str(recipe)] + paths + extra
@@ -504,7 +538,7 @@ def _finish_rows(rows: list[dict[str, Any]], flops: float | None, rate: float, d
 
 def _print_table(rows: list[dict[str, Any]], rate: float, flops: float | None, device: str) -> None:
     cols = [("run", "run", "{}"), ("modules", "modules", "{}"), ("s/step", "s_per_step", "{:.3f}"),
-            ("CPU s/step", "cpu_s_per_step", "{:.3f}"),
+            ("CPU s/step", "cpu_s_per_step", "{:.3f}"), ("ops/step", "ops_per_step", "{}"),
             ("img/s", "images_per_s", "{:.2f}"), ("vs ref", "vs_ref", "{:.2f}x"), ("MFU", "mfu", "{:.1%}"),
             ("setup s", "setup_s", "{:.1f}")]
     if device == "cuda":

@@ -173,3 +173,30 @@ def test_max_norm_group_groups_by_shape_and_dtype():
     scaled, mean, peak = MaxNormGroup(lambda: pairs).apply(1e9)
     assert scaled == 0 and peak == pytest.approx(max(dense), rel=1e-3)
     assert mean == pytest.approx(sum(dense) / 3, rel=1e-3)
+
+
+def test_max_norm_group_work_grows_with_shapes_not_with_modules():
+    """A host-bound GPU step pays per operator: 200 modules of one shape, half of them scaled, cost
+    the same fixed set of operators as 2 (one stack, Gram product and write-back per shape)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_for(n: int) -> int:
+        g = torch.Generator().manual_seed(n)
+        pairs = [FactorPair(torch.randn(8, 2, generator=g) * (10 if i % 2 else 1e-3), torch.randn(2, 6, generator=g), 1.0)
+                 for i in range(n)]
+        group = MaxNormGroup(lambda: pairs)
+        group.apply(1.0)  # builds the plan
+        Count.ops = 0
+        with Count():
+            scaled, _, peak = group.apply(1.0)
+        assert peak == pytest.approx(1.0, rel=1e-5)
+        return Count.ops
+
+    assert ops_for(200) == ops_for(2)

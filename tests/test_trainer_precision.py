@@ -10,6 +10,7 @@ import torch
 from loratools.errors import NonFiniteError
 from loratools.io.reader import open_safetensors
 from trainer.config import resolve_config
+from trainer.network.fast import FactorPair, MaxNormGroup
 from trainer.precision import MasterWeights
 from trainer.run import train
 
@@ -59,6 +60,29 @@ def test_master_weights_carry_updates_below_half_precision_resolution():
     assert half.item() == pytest.approx(1.0078125)  # bf16 nearest to 1.01; plain bf16 SGD would stay at 1.0
 
 
+def test_max_norm_scaling_lands_in_the_masters_not_only_in_the_half_weights():
+    """--scale_weight_norms with --full_bf16: scaling the bf16 weights alone is undone by the next
+    push of the masters; inside `editing_masters()` the float32 masters are scaled and the push
+    carries the result to the half weights."""
+    g = torch.Generator().manual_seed(3)
+    up = torch.nn.Parameter((torch.randn(6, 2, generator=g) * 10).bfloat16())
+    down = torch.nn.Parameter(torch.randn(2, 5, generator=g).bfloat16())
+    masters = MasterWeights([up, down])
+    group = MaxNormGroup(lambda: [FactorPair(up, down, 1.0)])
+    before = (masters.master[0].detach() @ masters.master[1].detach()).norm()
+    assert before > 2.0
+    group.apply(1.0)  # on the half weights: the masters keep the old norm, and push restores it
+    masters.push()
+    assert float((up.detach().float() @ down.detach().float()).norm()) == pytest.approx(float(before), rel=1e-2)
+    with masters.editing_masters():
+        assert up.dtype == torch.float32 and group.apply(1.0)[0] == 1
+    master_up, master_down = (m.detach() for m in masters.master)
+    assert (master_up @ master_down).norm() == pytest.approx(1.0, rel=1e-5)
+    masters.push()
+    assert up.dtype == down.dtype == torch.bfloat16
+    assert torch.equal(up, master_up.bfloat16()) and torch.equal(down, master_down.bfloat16())
+
+
 @pytest.mark.parametrize("module", ["networks.lora", "lycoris.kohya"])
 def test_full_fp16_trains_finite_and_saves_finite_weights(tiny_sd1_dir, tiny_dataset, tmp_path, module):
     """The issue's SD1 `--full_fp16 --mixed_precision fp16` run (the network in fp16; on a CPU the
@@ -74,11 +98,20 @@ def test_full_fp16_trains_finite_and_saves_finite_weights(tiny_sd1_dir, tiny_dat
 
 
 def test_full_bf16_trains_through_masters(tiny_sd1_dir, tiny_dataset, tmp_path):
+    """With --scale_weight_norms too (scaled on the masters): every saved module is within the limit."""
+    limit = 0.05
     result = train(resolve_config(_args(tiny_sd1_dir, tiny_dataset.root, tmp_path / "out", "--max_train_steps", "3",
-                                        "--mixed_precision", "bf16", "--full_bf16")))
+                                        "--mixed_precision", "bf16", "--full_bf16", "--learning_rate", "5e-2",
+                                        "--scale_weight_norms", str(limit))))
     assert all(map(torch.isfinite, torch.tensor(result.losses)))
+    assert result.keys_scaled[-1] > 0
     reader = open_safetensors(result.final_file)
     assert any(reader[k].abs().sum() > 0 for k in reader if k.endswith("lora_up.weight"))
+    for key in (k for k in reader if k.endswith("lora_up.weight")):
+        name = key.removesuffix(".lora_up.weight")
+        up, down = reader[key].float(), reader[f"{name}.lora_down.weight"].float()
+        delta = up.flatten(1) @ down.flatten(1) * float(reader[f"{name}.alpha"]) / down.shape[0]
+        assert float(delta.norm()) <= limit * 1.02, name  # bf16 rounding of the factors
 
 
 def test_a_diverged_run_stops_naming_the_step_and_keeps_earlier_saves(tiny_sd1_dir, tiny_dataset, tmp_path):

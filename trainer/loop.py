@@ -6,6 +6,7 @@ the loss computation can be called by tests on a single batch, and `run.train` o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -394,12 +395,13 @@ class TrainLoop:
             if acc.sync_gradients:
                 if self.scaler is not None and acc.optimizer_step_was_skipped:
                     self.result.skipped_steps += 1
-                if net.masters is not None:
-                    net.masters.push()
-                if cfg.scale_weight_norms:
-                    self.last_scaled = net.network.apply_max_norm_regularization(cfg.scale_weight_norms)
+                if cfg.scale_weight_norms:  # on the float32 masters when there are any, then pushed
+                    with net.masters.editing_masters() if net.masters is not None else contextlib.nullcontext():
+                        self.last_scaled = net.network.apply_max_norm_regularization(cfg.scale_weight_norms)
                     self.result.keys_scaled.append(self.last_scaled[0])
                     self.scaled_log[self.global_step + 1] = self.last_scaled
+                if net.masters is not None:
+                    net.masters.push()
         return out.loss
 
     def _drain(self) -> None:

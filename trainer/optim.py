@@ -68,16 +68,19 @@ def _import_class(module: str, cls: str, package: str | None):
                          f"`pip install {package or module}` or pick another --optimizer_type") from None
 
 
-#: torch optimizers with a fused CUDA implementation: one kernel group per step instead of several
-#: per parameter, and with a grad scaler no host synchronisation (the skip happens on the device).
+#: torch optimizers with a fused implementation: one kernel group per step instead of several per
+#: parameter, and with a grad scaler no host synchronisation (the skip happens on the device).
 _FUSED = ("adamw",)
+#: devices with torch's fused AdamW kernels (on a CPU it is 4x faster than the per-parameter loop
+#: torch picks by default, which also reads every parameter's step count back with `.item()`)
+_FUSED_DEVICES = ("cuda", "cpu")
 
 
 def create_optimizer(cfg: Any, param_groups: list[dict], optimizer_kwargs: dict[str, Any],
                      device: torch.device | None = None) -> OptimizerInfo:
     """Build the optimizer named by `cfg.optimizer_type` (legacy `--use_8bit_adam`/`--use_lion_optimizer` too).
 
-    On CUDA, torch's AdamW runs fused unless `--optimizer_args` chooses `fused`/`foreach` itself
+    On CUDA and the CPU, torch's AdamW runs fused unless `--optimizer_args` chooses `fused`/`foreach` itself
     (the same update; sd-scripts' metadata `ss_optimizer` records only the user's arguments)."""
     name = cfg.optimizer_type or "AdamW"
     if cfg.use_8bit_adam:
@@ -110,7 +113,7 @@ def create_optimizer(cfg: Any, param_groups: list[dict], optimizer_kwargs: dict[
                 lr_scheduler = f"adafactor:{lr}"
             lr = None
     call_kwargs = dict(kwargs)
-    if key in _FUSED and device is not None and device.type == "cuda" and not {"fused", "foreach"} & set(kwargs):
+    if key in _FUSED and device is not None and device.type in _FUSED_DEVICES and not {"fused", "foreach"} & set(kwargs):
         call_kwargs["fused"] = True
     optimizer = cls(param_groups, lr=lr, **call_kwargs) if lr is not None else cls(param_groups, **call_kwargs)
     return OptimizerInfo(optimizer, f"{cls.__module__}.{cls.__name__}", dict(optimizer_kwargs),

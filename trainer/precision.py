@@ -13,7 +13,8 @@ copied back into the half weights, as mixed-precision training with master weigh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -34,13 +35,18 @@ class MasterWeights:
     Args:
         params: the network's trainable parameters (fp16/bf16).
     Use `groups(param_groups)` to hand the optimizer the masters, `pull_grads()` after the
-    backward (before clipping and the optimizer step), `push()` after the step.
+    backward (before clipping and the optimizer step), `push()` after the step; anything that edits
+    the weights between steps (`--scale_weight_norms`) runs inside `editing_masters()`.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
         self.model = list(params)
         self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model]
         self._by_id = {id(p): m for p, m in zip(self.model, self.master)}
+        self._grads: list[torch.Tensor] | None = None  # float32 gradient buffers, allocated once
+        # (half, master) detached aliases for `editing_masters`, made once: a detach per parameter
+        # and step is 2000+ dispatcher calls for the pony recipe
+        self._views: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def groups(self, param_groups: list[dict]) -> list[dict]:
         """The same groups with each parameter replaced by its float32 master."""
@@ -50,10 +56,13 @@ class MasterWeights:
     def pull_grads(self) -> None:
         """master.grad = float32(model.grad) for every parameter that has a gradient; the half
         gradients are released (they are accumulated again from zero next step)."""
-        pairs = [(m, p) for m, p in zip(self.master, self.model) if p.grad is not None]
-        for m, p in pairs:
-            if m.grad is None:
-                m.grad = torch.empty_like(m)
+        if self._grads is None:  # the optimizer's zero_grad(set_to_none) drops them; these come back
+            self._grads = [torch.empty_like(m) for m in self.master]
+        pairs = []
+        for m, p, g in zip(self.master, self.model, self._grads):
+            if p.grad is not None:
+                m.grad = g
+                pairs.append((m, p))
         if pairs:
             torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
         for _, p in pairs:
@@ -63,6 +72,24 @@ class MasterWeights:
     def push(self) -> None:
         """Copy the updated masters into the half-precision weights the network computes with."""
         torch._foreach_copy_(self.model, self.master)
+
+    @contextlib.contextmanager
+    def editing_masters(self) -> Iterator[None]:
+        """The network's parameters hold the float32 masters' storage while the block runs, so code
+        that edits module weights in place (max-norm scaling, LyCORIS' own `apply_max_norm`) edits
+        what the optimizer steps; `push()` afterwards gives the half weights the result. Editing
+        the half weights instead would be undone by the next `push()`."""
+        halves = [p.detach() for p in self.model] if self._views is None else self._views[0]
+        if any(p.data_ptr() != h.data_ptr() for p, h in zip(self.model, halves)):  # storage replaced since
+            halves = [p.detach() for p in self.model]
+        self._views = (halves, self._views[1] if self._views else [m.detach() for m in self.master])
+        for p, m in zip(self.model, self._views[1]):
+            p.data = m
+        try:
+            yield
+        finally:
+            for p, half in zip(self.model, halves):
+                p.data = half
 
     @torch.no_grad()
     def reload(self) -> None:
