@@ -162,7 +162,7 @@ class StepClock:
 
     def __init__(self, device: str, warmup: int, total: int) -> None:
         self.device, self.warmup, self.total = device, warmup, total
-        self.ops = OpCounter() if warmup >= 2 else None
+        self.ops = op_counter() if warmup >= 2 else None
         self.first_step_at: float | None = None
         self.t_warm: float | None = None
         self.t_end: float | None = None
@@ -220,7 +220,7 @@ class StepClock:
         return out
 
 
-def OpCounter():
+def op_counter():
     """A dispatch mode that counts the ATen operators one step runs (forward, recomputation,
     backward, optimizer): each is at least one kernel launch and one trip through the dispatcher
     on a GPU, so the count measures the host-side work that bounds a fast GPU's step, on any

@@ -44,9 +44,10 @@ class MasterWeights:
         self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model]
         self._by_id = {id(p): m for p, m in zip(self.model, self.master)}
         self._grads: list[torch.Tensor] | None = None  # float32 gradient buffers, allocated once
-        # (half, master) detached aliases for `editing_masters`, made once: a detach per parameter
-        # and step is 2000+ dispatcher calls for the pony recipe
-        self._views: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # detached aliases for `editing_masters`, made once: a detach per parameter and step is
+        # 2000+ dispatcher calls for the pony recipe
+        self._halves = [p.detach() for p in self.model]
+        self._masters = [m.detach() for m in self.master]
 
     def groups(self, param_groups: list[dict]) -> list[dict]:
         """The same groups with each parameter replaced by its float32 master."""
@@ -58,15 +59,13 @@ class MasterWeights:
         gradients are released (they are accumulated again from zero next step)."""
         if self._grads is None:  # the optimizer's zero_grad(set_to_none) drops them; these come back
             self._grads = [torch.empty_like(m) for m in self.master]
-        pairs = []
+        pairs = [(p, g) for p, g in zip(self.model, self._grads) if p.grad is not None]
+        if pairs:
+            torch._foreach_copy_([g for _, g in pairs], [p.grad for p, _ in pairs])
         for m, p, g in zip(self.master, self.model, self._grads):
             if p.grad is not None:
                 m.grad = g
-                pairs.append((m, p))
-        if pairs:
-            torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
-        for _, p in pairs:
-            p.grad = None
+                p.grad = None
 
     @torch.no_grad()
     def push(self) -> None:
@@ -79,16 +78,14 @@ class MasterWeights:
         that edits module weights in place (max-norm scaling, LyCORIS' own `apply_max_norm`) edits
         what the optimizer steps; `push()` afterwards gives the half weights the result. Editing
         the half weights instead would be undone by the next `push()`."""
-        halves = [p.detach() for p in self.model] if self._views is None else self._views[0]
-        if any(p.data_ptr() != h.data_ptr() for p, h in zip(self.model, halves)):  # storage replaced since
-            halves = [p.detach() for p in self.model]
-        self._views = (halves, self._views[1] if self._views else [m.detach() for m in self.master])
-        for p, m in zip(self.model, self._views[1]):
+        if any(p.data_ptr() != h.data_ptr() for p, h in zip(self.model, self._halves)):  # storage replaced since
+            self._halves = [p.detach() for p in self.model]
+        for p, m in zip(self.model, self._masters):
             p.data = m
         try:
             yield
         finally:
-            for p, half in zip(self.model, halves):
+            for p, half in zip(self.model, self._halves):
                 p.data = half
 
     @torch.no_grad()

@@ -44,30 +44,37 @@ def _outputs_of_others(loras: list[Path]) -> list[Path]:
     """The inputs that are earlier resize outputs of another input in the same folder (by the source
     file name in their provenance metadata): a shell glob names them one by one, and resizing them
     again is never what was meant. An output named without its source is still resized."""
-    import json
-
-    from loratools.io import read_header
-
     given = {(p.resolve().parent, p.name) for p in loras}
     out = []
     for p in loras:
-        if not _already_resized(p):
-            continue
-        try:
-            source = json.loads(read_header(p).metadata["loratools"]).get("source") or {}
-        except (ValueError, KeyError, AttributeError):
-            continue
-        if (p.resolve().parent, source.get("file")) in given:
+        provenance = _resize_provenance(p)
+        source = (provenance or {}).get("source")
+        if isinstance(source, dict) and (p.resolve().parent, source.get("file")) in given:
             out.append(p)
     return out
 
 
-def _already_resized(path: Path) -> bool:
+def _resize_provenance(path: Path) -> dict | None:
+    """The ``loratools`` metadata of an earlier resize output ({} when it is not valid JSON), or
+    None for any other file."""
+    import json
+
     from loratools.io import read_header
 
     if path.suffix.lower() != ".safetensors":  # we write only safetensors; a .ckpt is never our output
-        return False
-    return '"operation": "resize"' in read_header(path).metadata.get("loratools", "")
+        return None
+    text = read_header(path).metadata.get("loratools", "")
+    if '"operation": "resize"' not in text:
+        return None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _already_resized(path: Path) -> bool:
+    return _resize_provenance(path) is not None
 
 
 def resolve_inputs(paths: list[str], base: str | None = None) -> tuple[Path | None, list[Path], list[Path]]:
